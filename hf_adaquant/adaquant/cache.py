@@ -1,0 +1,170 @@
+"""Per-layer calibration cache: the inputs and FP outputs of ONE layer, in fp16, spilling to disk past a limit.
+
+The reference implementation caches every layer's activations at once (~81 GiB for ResNet-50 on 1000 images).
+Here only the layer being optimised is held, captured by hooks that stop the forward pass right after that
+layer (later layers never run).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..utils.batches import Batch, call_model
+
+__all__ = ["IOCache", "capture_layer_io"]
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the layer of interest has run."""
+
+
+@dataclass
+class _Store:
+    """Chunks of one tensor stream; each chunk in memory or memory-mapped from disk."""
+
+    dtype: torch.dtype
+    max_bytes: int
+    spill_dir: str | None = None
+    chunks: list[torch.Tensor | np.ndarray] = field(default_factory=list)
+    bytes_in_memory: int = 0
+
+    def append(self, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu", self.dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.bytes_in_memory + nbytes <= self.max_bytes:
+            self.chunks.append(t)
+            self.bytes_in_memory += nbytes
+            return
+        if self.spill_dir is None:
+            self.spill_dir = tempfile.mkdtemp(prefix="hf_adaquant_cache_")
+        path = os.path.join(self.spill_dir, f"chunk{len(self.chunks)}.npy")
+        np.save(path, t.numpy())
+        self.chunks.append(np.load(path, mmap_mode="r"))
+
+    def merge_in_memory(self) -> None:
+        """Concatenate consecutive in-memory chunks of equal trailing shape (bigger mini-batches)."""
+        merged: list[torch.Tensor | np.ndarray] = []
+        for c in self.chunks:
+            prev = merged[-1] if merged else None
+            if isinstance(c, torch.Tensor) and isinstance(prev, torch.Tensor) and prev.shape[1:] == c.shape[1:]:
+                merged[-1] = torch.cat([prev, c])
+            else:
+                merged.append(c)
+        self.chunks = merged
+
+    @staticmethod
+    def take(chunk: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(chunk, torch.Tensor):
+            return chunk[idx].float()
+        return torch.from_numpy(np.ascontiguousarray(chunk[idx.numpy()])).float()
+
+    def cleanup(self) -> None:
+        self.chunks = []
+        if self.spill_dir is not None:
+            for f in os.listdir(self.spill_dir):
+                os.remove(os.path.join(self.spill_dir, f))
+            os.rmdir(self.spill_dir)
+            self.spill_dir = None
+
+
+class IOCache:
+    """Paired layer inputs ``x`` and FP targets ``y``, sampled together in mini-batches."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16, max_bytes: int = 4 << 30) -> None:
+        self.x = _Store(dtype, max_bytes // 2)
+        self.y = _Store(dtype, max_bytes // 2)
+
+    def finalize(self) -> "IOCache":
+        self.x.merge_in_memory()
+        self.y.merge_in_memory()
+        if [len(c) for c in self.x.chunks] != [len(c) for c in self.y.chunks]:
+            raise RuntimeError("cached inputs and targets do not pair up (model forward is not deterministic?)")
+        self.sizes = torch.tensor([len(c) for c in self.x.chunks], dtype=torch.float64)
+        return self
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sizes.sum().item())
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random mini-batch (from one chunk, chosen in proportion to its size)."""
+        g = int(torch.multinomial(self.sizes, 1, generator=generator).item())
+        n = int(self.sizes[g].item())
+        idx = torch.randperm(n, generator=generator)[:batch_size].sort().values
+        return _Store.take(self.x.chunks[g], idx), _Store.take(self.y.chunks[g], idx)
+
+    def iterate(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All samples in order (at most ``limit``), in mini-batches."""
+        seen = 0
+        for cx, cy in zip(self.x.chunks, self.y.chunks):
+            for start in range(0, len(cx), batch_size):
+                if limit is not None and seen >= limit:
+                    return
+                stop = min(start + batch_size, len(cx), start + (limit - seen if limit is not None else len(cx)))
+                idx = torch.arange(start, stop)
+                seen += len(idx)
+                yield _Store.take(cx, idx), _Store.take(cy, idx)
+
+    def cleanup(self) -> None:
+        self.x.cleanup()
+        self.y.cleanup()
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, on_output) -> None:
+    module = model.get_submodule(layer)
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        # Input only: stop before the layer runs (its quantizers may not be initialised yet).
+        on_input(args[0])
+        raise _StopForward
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if on_input is not None:
+            on_input(args[0])
+        on_output(out)
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook) if on_output is not None else module.register_forward_pre_hook(pre_hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            try:
+                call_model(model, batch)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"layer {layer!r} did not run during the forward pass")
+    finally:
+        handle.remove()
+        model.train(was_training)
+
+
+def capture_layer_io(
+    input_model: nn.Module,
+    target_model: nn.Module,
+    layer: str,
+    batches: Sequence[Batch],
+    *,
+    dtype: torch.dtype = torch.float16,
+    max_bytes: int = 4 << 30,
+) -> IOCache:
+    """Cache the input of ``layer`` in ``input_model`` and its output in ``target_model`` (the FP model).
+
+    With ``input_model is target_model`` both come from one pass (the parallel variant); otherwise the input is
+    taken from the quantized model (sequential variant) for every calibration sample.
+    """
+    cache = IOCache(dtype, max_bytes)
+    if input_model is target_model:
+        _capture(target_model, layer, batches, cache.x.append, cache.y.append)
+    else:
+        _capture(input_model, layer, batches, cache.x.append, None)
+        _capture(target_model, layer, batches, None, cache.y.append)
+    return cache.finalize()

@@ -1,0 +1,64 @@
+"""Range calibration: weight ranges from the weights, activation ranges from calibration batches."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .nn import QModuleMixin
+from .quant import RangeObserver, compute_range
+from .utils.batches import Batch, call_model
+
+__all__ = ["calibrate_activation_ranges", "init_weight_range", "qmodules", "quantization_disabled"]
+
+
+def qmodules(model: nn.Module) -> dict[str, QModuleMixin]:
+    """The quantized layers of ``model`` by name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QModuleMixin)}
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in float inside the block (quantizers become identities), restoring them after."""
+    layers = qmodules(model).values()
+    for m in layers:
+        m.set_quantization_enabled(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.set_quantization_enabled(True)
+
+
+@torch.no_grad()
+def init_weight_range(layer: QModuleMixin, method: str) -> None:
+    """Per-channel weight range by ``method`` ("minmax", "mse", "percentile")."""
+    q = layer.weight_quantizer
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    lo, hi = compute_range(method, w, bits=q.bits, symmetric=q.symmetric)
+    q.set_range(lo, hi)
+
+
+@torch.no_grad()
+def calibrate_activation_ranges(
+    model: nn.Module, batches: Sequence[Batch], method: str, *, seed: int = 0, progress: bool = False
+) -> None:
+    """Set every input quantizer's range from one float pass over ``batches`` (bounded memory observers)."""
+    layers = {n: m for n, m in qmodules(model).items() if m.input_quantizer is not None}
+    observers = {n: RangeObserver(seed=seed + i) for i, n in enumerate(layers)}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observers[n].update(args[0]))
+               for n, m in layers.items()]
+    try:
+        with quantization_disabled(model):
+            for batch in tqdm(batches, desc="calibrating ranges", disable=not progress, leave=False):
+                call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers.items():
+        q = layer.input_quantizer
+        q.set_range(*observers[name].compute(method, bits=q.bits, symmetric=q.symmetric))

@@ -1,0 +1,147 @@
+"""``AdaQuantConfig``: every choice of a quantization run, validated on build, JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .quant.quantizer import MAX_BITS, MIN_BITS
+from .quant.ranges import RANGE_METHODS
+
+__all__ = ["AdaQuantConfig", "CONFIG_VERSION"]
+
+CONFIG_VERSION = 1
+PIPELINES = ("light", "advanced")
+VARIANTS = ("sequential", "parallel")
+
+
+def _check_bits(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass
+class AdaQuantConfig:
+    """Configuration of :func:`hf_adaquant.quantize`.
+
+    Bits and policy:
+        weight_bits / activation_bits: default precision (2..8; ``activation_bits=None`` keeps activations float).
+        first_last_bits: precision floor of the first and last quantized layers (None: no exception).
+        include / exclude: fnmatch patterns on layer names. layer_bits: ``{name: (w, a)}`` per-layer overrides
+        (what bit allocation produces).
+        weight_symmetric / activation_symmetric: zero-point fixed at 0.
+        weight_range_method / activation_range_method: "minmax", "mean_minmax" (activations; the paper's),
+        "mse" or "percentile".
+
+    Pipeline:
+        pipeline: "light" (ranges + BN tuning + bias correction, no backprop) or "advanced" (AdaQuant + BN tuning
+        + bias tuning). variant: AdaQuant inputs from the quantized prefix ("sequential") or from the FP model
+        ("parallel"). iterations / batch_size: AdaQuant steps per layer and samples per step.
+        lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the layer's quantization step*
+        (scale-free across layers); lr_bias and lr_zero_point are absolute (bias units, integer grid units).
+        weight_deviation_limit: bound on ``|W' - W|`` in weight steps (None: unconstrained, as in the paper).
+        bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
+
+    Resources:
+        max_calibration_samples: use at most this many calibration samples. cache_dtype: "float16" or "float32"
+        storage of cached activations. max_cache_bytes: cached activations above this spill to disk.
+        seed: fixes every random choice. progress: tqdm bars.
+    """
+
+    weight_bits: int = 4
+    activation_bits: int | None = 8
+    pipeline: str = "advanced"
+    variant: str = "sequential"
+    first_last_bits: int | None = 8
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    layer_bits: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    weight_symmetric: bool = False
+    activation_symmetric: bool = False
+    weight_range_method: str = "mse"
+    activation_range_method: str = "mse"
+    iterations: int = 500
+    batch_size: int = 50
+    lr_weight: float = 1e-2
+    lr_bias: float = 1e-3
+    lr_weight_scale: float = 1e-3
+    lr_act_scale: float = 1e-2
+    lr_zero_point: float = 1e-2
+    weight_deviation_limit: float | None = None
+    bn_tuning: bool = True
+    bias_correction: bool = True
+    bias_tuning: bool = True
+    bias_tuning_steps: int = 200
+    bias_tuning_lr: float = 1e-4
+    bias_tuning_batch_size: int = 32
+    max_calibration_samples: int | None = None
+    cache_dtype: str = "float16"
+    max_cache_bytes: int = 4 << 30
+    seed: int = 0
+    progress: bool = True
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the accepted values."""
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("activation_bits", self.activation_bits, allow_none=True)
+        _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        for name, bits in self.layer_bits.items():
+            if not isinstance(bits, (tuple, list)) or len(bits) != 2:
+                raise ValueError(f"layer_bits[{name!r}] must be (weight_bits, activation_bits), got {bits!r}")
+            _check_bits(f"layer_bits[{name!r}] weight bits", bits[0])
+            _check_bits(f"layer_bits[{name!r}] activation bits", bits[1], allow_none=True)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        methods = sorted(RANGE_METHODS) + ["mean_minmax"]
+        for name in ("weight_range_method", "activation_range_method"):
+            if getattr(self, name) not in methods:
+                raise ValueError(f"{name} must be one of {methods}, got {getattr(self, name)!r}")
+        if self.weight_range_method == "mean_minmax":
+            raise ValueError("weight_range_method 'mean_minmax' is for activations; use 'minmax' or 'mse'")
+        for name in ("iterations", "batch_size", "bias_tuning_steps", "bias_tuning_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if "batch_size" in name else 0):
+                raise ValueError(f"{name} must be a non-negative integer (batch_size >= 1), got {value!r}")
+        for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.weight_deviation_limit is not None and not self.weight_deviation_limit > 0:
+            raise ValueError(f"weight_deviation_limit must be > 0 or None, got {self.weight_deviation_limit!r}")
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
+            raise ValueError("max_calibration_samples must be >= 1 or None")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is newer than this hf_adaquant ({CONFIG_VERSION})")
+
+    def bits_for(self, name: str) -> tuple[int, int | None]:
+        return tuple(self.layer_bits.get(name, (self.weight_bits, self.activation_bits)))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdaQuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdaQuantConfig fields {unknown}; accepted: {sorted(known)}")
+        data = dict(data)
+        data["layer_bits"] = {k: tuple(v) for k, v in (data.get("layer_bits") or {}).items()}
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "AdaQuantConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)

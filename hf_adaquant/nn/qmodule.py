@@ -1,0 +1,99 @@
+"""``QModuleMixin`` and the float-type -> quantized-type registry."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+from torch import nn
+
+from ..quant import Quantizer
+
+__all__ = ["QMODULES", "QModuleMixin", "quantize_module", "register_qmodule"]
+
+QMODULES: dict[type[nn.Module], type["QModuleMixin"]] = {}
+T = TypeVar("T", bound=type)
+
+# Activations AdaQuant applies to both sides of the layer loss (they hide errors they clip away).
+OUTPUT_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "relu6": lambda y: torch.clamp(y, 0.0, 6.0),
+}
+
+
+def register_qmodule(float_type: type[nn.Module]) -> Callable[[T], T]:
+    """Class decorator: ``quantize_module`` turns ``float_type`` instances into the decorated class."""
+
+    def wrap(cls: T) -> T:
+        if float_type in QMODULES:
+            raise ValueError(f"a quantized module is already registered for {float_type.__name__}")
+        if not issubclass(cls, QModuleMixin) or cls.__mro__[1] is not QModuleMixin:
+            raise TypeError(f"{cls.__name__} must inherit (QModuleMixin, {float_type.__name__}) in that order")
+        QMODULES[float_type] = cls
+        return cls
+
+    return wrap
+
+
+class QModuleMixin:
+    """Adds a per-channel weight quantizer and a per-tensor input quantizer to a float layer.
+
+    ``input_quantizer`` is None when activations stay in float (weight-only quantization). ``output_activation``
+    names the activation that follows the layer in the model ("relu", "relu6" or None). ``bn_target`` holds the
+    folded BatchNorm's ``(|gamma|, beta)``: the output statistics BN tuning restores.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quantizers(self, weight_bits: int, activation_bits: int | None, weight_symmetric: bool,
+                         activation_symmetric: bool) -> None:
+        self.weight_quantizer = Quantizer(
+            weight_bits, symmetric=weight_symmetric, channel_axis=0, num_channels=self.weight.shape[0]
+        )
+        self.input_quantizer = (
+            Quantizer(activation_bits, symmetric=activation_symmetric) if activation_bits is not None else None
+        )
+        self.output_activation: str | None = None
+        self.bn_target: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bn: nn.Module | None = None  # only present during BN tuning
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_bits: int, activation_bits: int | None, *,
+                   weight_symmetric: bool = False, activation_symmetric: bool = False) -> "QModuleMixin":
+        raise NotImplementedError
+
+    @property
+    def weight_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def activation_bits(self) -> int | None:
+        return None if self.input_quantizer is None else self.input_quantizer.bits
+
+    def set_quantization_enabled(self, enabled: bool) -> None:
+        self.weight_quantizer.enabled = enabled
+        if self.input_quantizer is not None:
+            self.input_quantizer.enabled = enabled
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def apply_output_activation(self, y: torch.Tensor) -> torch.Tensor:
+        fn = OUTPUT_ACTIVATIONS.get(self.output_activation or "")
+        return y if fn is None else fn(y)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bn is None else self.bn(y)
+
+
+def quantize_module(module: nn.Module, weight_bits: int, activation_bits: int | None, **kwargs: bool) -> nn.Module:
+    """Quantized copy of ``module`` via the registry (the only lookup)."""
+    qcls = QMODULES.get(type(module))
+    if qcls is None:
+        raise TypeError(f"no quantized module registered for {type(module).__name__}; known: "
+                        f"{[t.__name__ for t in QMODULES]}")
+    return qcls.from_float(module, weight_bits, activation_bits, **kwargs)

@@ -1,0 +1,119 @@
+"""Find the quantizable layers in execution order and decide each one's bit-widths."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn import QMODULES
+from ..utils.batches import Batch, call_model
+
+__all__ = ["LayerInfo", "plan_layer_bits", "trace_layers"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerInfo:
+    """A quantizable layer as seen in one forward pass (shapes are per sample)."""
+
+    name: str
+    kind: str
+    num_params: int
+    macs: int  # multiply-accumulates per sample
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+def _macs(module: nn.Module, out: torch.Tensor) -> int:
+    per_sample_out = out[0].numel() if out.dim() > 1 else out.numel()
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        return int(per_sample_out * k)
+    if isinstance(module, nn.Linear):
+        return int(per_sample_out * module.in_features)
+    return 0
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, batch: Batch) -> list[LayerInfo]:
+    """Run ``model`` on one batch and list its Conv2d/Linear layers in the order they execute.
+
+    Layers never called are left out (they cannot be calibrated); layers called more than once (shared weights)
+    are left out with a warning, since one quantizer cannot be fitted to several inputs the AdaQuant way.
+
+    Raises:
+        ValueError: the batch does not fit the model (the model's own error is attached), or no layer ran.
+    """
+    kinds = tuple(QMODULES)
+    calls: dict[str, list[LayerInfo]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if type(module) in kinds:
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+                calls.setdefault(name, []).append(LayerInfo(
+                    name=name, kind=type(mod).__name__, num_params=int(mod.weight.numel()), macs=_macs(mod, out),
+                    input_shape=tuple(args[0].shape[1:]), output_shape=tuple(out.shape[1:])))
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        call_model(model, batch)
+    except Exception as exc:
+        raise ValueError(f"the calibration batch does not fit the model: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    shared = [n for n, c in calls.items() if len(c) > 1]
+    if shared:
+        _logger.warning("layers called more than once per forward are kept in float: %s", shared)
+    layers = [c[0] for n, c in calls.items() if len(c) == 1]
+    if not layers:
+        raise ValueError("the model has no quantizable layer (Conv2d or Linear) that runs in forward; "
+                         f"quantizable types: {[t.__name__ for t in kinds]}")
+    return layers
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or [])
+
+
+def plan_layer_bits(
+    layers: list[LayerInfo],
+    weight_bits: int,
+    activation_bits: int | None,
+    *,
+    first_last_bits: int | None = 8,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    overrides: dict[str, tuple[int, int | None]] | None = None,
+) -> dict[str, tuple[int, int | None]]:
+    """``{layer name: (weight bits, activation bits)}`` for the layers to quantize, in execution order.
+
+    Policy, applied in order: ``include`` patterns (fnmatch; default all) minus ``exclude`` patterns; the first
+    and last quantized layers at ``first_last_bits`` (None disables); then explicit per-layer ``overrides``.
+
+    Raises:
+        ValueError: an override names an unknown layer, or no layer is left to quantize.
+    """
+    selected = [l.name for l in layers if (include is None or _matches(l.name, include))
+                and not _matches(l.name, exclude)]
+    if not selected:
+        raise ValueError(f"no quantizable layer left after include={include} exclude={exclude}; "
+                         f"layers: {[l.name for l in layers]}")
+    plan: dict[str, tuple[int, int | None]] = {name: (weight_bits, activation_bits) for name in selected}
+    if first_last_bits is not None:
+        for name in {selected[0], selected[-1]}:
+            abits = None if activation_bits is None else max(first_last_bits, activation_bits)
+            plan[name] = (max(first_last_bits, weight_bits), abits)
+    for name, bits in (overrides or {}).items():
+        if name not in plan:
+            raise ValueError(f"per-layer bits given for {name!r}, which is not a quantized layer; "
+                             f"quantized layers: {list(plan)}")
+        plan[name] = (int(bits[0]), None if bits[1] is None else int(bits[1]))
+    return plan

@@ -1,0 +1,142 @@
+"""The verbs: prepare a model, then run the light or advanced pipeline.
+
+model -> fold BN -> find layers -> plan bits -> swap in quantized modules -> calibrate ranges / AdaQuant
+-> BN tuning -> bias correction / bias tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .adaquant import LayerReport, run_adaquant
+from .calibrate import calibrate_activation_ranges, init_weight_range
+from .config import AdaQuantConfig
+from .nn import quantize_module
+from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
+from .prepare.fold_bn import FoldResult
+from .tuning import correct_bias, tune_batchnorm, tune_bias
+from .utils.batches import Batch, materialize_batches, split_batches
+from .utils.seeding import seed_everything
+
+__all__ = ["PreparedModel", "QuantizationReport", "prepare_model", "quantize"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedModel:
+    """A folded FP reference model and its quantized twin (quantizers not yet calibrated)."""
+
+    fp_model: nn.Module
+    qmodel: nn.Module
+    layers: list[LayerInfo]
+    plan: dict[str, tuple[int, int | None]]
+    fold: FoldResult
+
+
+@dataclass
+class QuantizationReport:
+    """What a :func:`quantize` run did, attached to the returned model as ``hf_adaquant_report``."""
+
+    config: dict
+    plan: dict[str, list]
+    layers: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    bias_tuning_kl: tuple[float, float] | None = None
+    bn_tuned_layers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
+    """Copy ``model`` (never mutated), fold its BatchNorms and wrap the planned layers with quantizers."""
+    fp_model = copy.deepcopy(model).eval()
+    for p in fp_model.parameters():
+        p.requires_grad_(False)
+    fold = fold_batchnorms(fp_model)
+    layers = trace_layers(fp_model, example_batch)
+    plan = plan_layer_bits(layers, config.weight_bits, config.activation_bits,
+                           first_last_bits=config.first_last_bits, include=config.include,
+                           exclude=config.exclude, overrides=config.layer_bits)
+    qmodel = copy.deepcopy(fp_model)
+    for name, (wbits, abits) in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        qlayer = quantize_module(getattr(parent, child), wbits, abits, weight_symmetric=config.weight_symmetric,
+                                 activation_symmetric=config.activation_symmetric)
+        qlayer.output_activation = fold.output_activations.get(name)
+        qlayer.bn_target = fold.bn_targets.get(name)
+        setattr(parent, child, qlayer)
+    return PreparedModel(fp_model, qmodel, layers, plan, fold)
+
+
+def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQuantConfig | None = None) -> nn.Module:
+    """Quantize a copy of ``model`` with AdaQuant on unlabeled ``calibration_data``.
+
+    Args:
+        model: any ``nn.Module`` with Conv2d/Linear layers (timm, transformers, torchvision, plain PyTorch).
+        calibration_data: iterable of input batches: tensors, tuples, or dicts of tensors for transformers.
+        config: bits, pipeline and hyper-parameters; defaults to ``AdaQuantConfig()`` (W4A8, advanced).
+
+    Returns:
+        A new model with the same call signature whose Conv2d/Linear layers are fake-quantized modules. The run's
+        report is attached as ``model.hf_adaquant_report``.
+
+    Example:
+        >>> qmodel = quantize(model, [x[:100] for x in batches], AdaQuantConfig(weight_bits=4, activation_bits=4,
+        ...                   pipeline="advanced", seed=0))
+    """
+    config = config or AdaQuantConfig()
+    config.validate()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = now - clock
+        clock = now
+
+    seed_everything(config.seed)
+    batches = materialize_batches(calibration_data, config.max_calibration_samples)
+    prepared = prepare_model(model, batches[0], config)
+    fp_model, qmodel = prepared.fp_model, prepared.qmodel
+    layer_names = list(prepared.plan)
+    lap("prepare")
+    report = QuantizationReport(config=config.to_dict(), plan={k: list(v) for k, v in prepared.plan.items()})
+
+    if config.pipeline == "advanced":
+        reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config)
+        report.layers = [r.to_dict() for r in reports]
+        lap("adaquant")
+    else:
+        for name in layer_names:
+            init_weight_range(qmodel.get_submodule(name), config.weight_range_method)
+        calibrate_activation_ranges(qmodel, batches, config.activation_range_method, seed=config.seed,
+                                    progress=config.progress)
+        lap("calibrate_ranges")
+    if config.bn_tuning:
+        report.bn_tuned_layers = tune_batchnorm(qmodel, batches, progress=config.progress)
+        lap("bn_tuning")
+    if config.pipeline == "light" and config.bias_correction:
+        correct_bias(qmodel, fp_model, layer_names, batches, progress=config.progress)
+        lap("bias_correction")
+    if config.pipeline == "advanced" and config.bias_tuning and config.bias_tuning_steps > 0:
+        micro_batches = split_batches(batches, config.bias_tuning_batch_size)
+        report.bias_tuning_kl = tune_bias(qmodel, fp_model, micro_batches, steps=config.bias_tuning_steps,
+                                          lr=config.bias_tuning_lr, seed=config.seed, progress=config.progress)
+        lap("bias_tuning")
+    qmodel.eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    report.stage_seconds = timings
+    qmodel.hf_adaquant_report = report
+    return qmodel

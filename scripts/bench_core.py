@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Core-engine benchmark: FP32, naive min-max, light and advanced pipelines on the offline models.
+
+Each (method, bit setting) runs in its own subprocess so that its peak RSS is its own. Results go to
+``benchmarks/results/core_<model>.json`` and ``core_<model>.md``.
+
+Usage:
+    python scripts/bench_core.py --model resnet20 [--settings W8A8 W4A8 W4A4 W2A4] [--methods naive light advanced]
+    python scripts/bench_core.py --model efficientnet_lite0 --settings W4A8 W4A4
+    python scripts/bench_core.py --model resnet50_rss      # peak RSS of the advanced pipeline, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_adaquant import AdaQuantConfig, quantize
+from hf_adaquant.data import efficientnet_lite0_transform, load_cifar10_npz, load_imagenet_tensors, shared_dir
+from hf_adaquant.evaluation import evaluate_classifier
+from hf_adaquant.size import model_size
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+METHODS = {
+    "naive": dict(pipeline="light", bn_tuning=False, bias_correction=False, weight_range_method="minmax",
+                  activation_range_method="minmax"),
+    "light": dict(pipeline="light"),
+    "advanced": dict(pipeline="advanced"),
+}
+
+
+def parse_setting(setting: str) -> tuple[int, int]:
+    w, a = setting.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def load(model_name: str, num_calib: int):
+    """(model, calibration batches, eval x, eval y) for a benchmark model."""
+    shared = shared_dir()
+    if shared is None:
+        sys.exit("../shared is not available: the benchmarks need the offline models and data")
+    if model_name in ("resnet20", "resnet56"):
+        from hf_adaquant.models import load_cifar_resnet
+
+        depth = int(model_name[6:])
+        ckpt = next((shared / "models" / "cifar10-resnet").glob(f"resnet{depth}-*.th"))
+        model = load_cifar_resnet(depth, ckpt)
+        x_cal, _ = load_cifar10_npz(shared / "data" / "cifar10" / "calib.npz", limit=num_calib)
+        x_ev, y_ev = load_cifar10_npz(shared / "data" / "cifar10" / "test.npz")
+        return model, [x_cal[i : i + 100] for i in range(0, len(x_cal), 100)], x_ev, y_ev
+    if model_name == "efficientnet_lite0":
+        from hf_adaquant.models import load_efficientnet_lite0
+
+        tf = efficientnet_lite0_transform()
+        x_cal, _ = load_imagenet_tensors(shared / "data" / "imagenet" / "calib1000", limit=num_calib, transform=tf)
+        x_ev, y_ev = load_imagenet_tensors(shared / "data" / "imagenet" / "val1300", transform=tf)
+        return load_efficientnet_lite0(), [x_cal[i : i + 50] for i in range(0, len(x_cal), 50)], x_ev, y_ev
+    if model_name == "resnet50_rss":
+        import timm
+
+        model = timm.create_model("resnet50", pretrained=False).eval()
+        g = torch.Generator().manual_seed(0)
+        x_cal = torch.randn(num_calib, 3, 224, 224, generator=g)
+        return model, [x_cal[i : i + 50] for i in range(0, len(x_cal), 50)], None, None
+    raise SystemExit(f"unknown model {model_name!r}")
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model, calib, x_ev, y_ev = load(args.model, args.calib)
+    result: dict = {"model": args.model, "method": args.method, "setting": args.setting,
+                    "calibration_samples": sum(len(b) for b in calib)}
+    if args.method == "fp32":
+        result["top1"] = evaluate_classifier(model, x_ev, y_ev)
+        result["seconds"] = 0.0
+    else:
+        wbits, abits = parse_setting(args.setting)
+        overrides = json.loads(args.config) if args.config else {}
+        config = AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=args.seed, progress=False,
+                                **{**METHODS[args.method], **overrides})
+        start = time.perf_counter()
+        qmodel = quantize(model, calib, config)
+        result["seconds"] = time.perf_counter() - start
+        result["stage_seconds"] = qmodel.hf_adaquant_report.stage_seconds
+        result["config"] = config.to_dict()
+        size = model_size(qmodel)
+        result["size_ratio"] = size.ratio
+        if x_ev is not None:
+            result["top1"] = evaluate_classifier(qmodel, x_ev, y_ev)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def write_tables(model: str, rows: list[dict]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"core_{model}.json").write_text(json.dumps(rows, indent=2))
+    lines = [f"| {model} | setting | top-1 | calibration s | peak RSS MiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        top1 = f"{r['top1']:.2f}" if "top1" in r else "—"
+        lines.append(f"| {r['method']} | {r['setting']} | {top1} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+    (RESULTS / f"core_{model}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=["resnet20", "resnet56", "efficientnet_lite0", "resnet50_rss"])
+    parser.add_argument("--settings", nargs="+", default=["W8A8", "W4A8", "W4A4", "W2A4"])
+    parser.add_argument("--methods", nargs="+", default=["naive", "light", "advanced"])
+    parser.add_argument("--calib", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="", help="JSON dict of AdaQuantConfig overrides for every run")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        return
+    runs = ([("fp32", "FP32")] if args.model != "resnet50_rss" else [])
+    runs += [(m, s) for s in args.settings for m in args.methods]
+    rows = []
+    for method, setting in runs:
+        cmd = [sys.executable, __file__, "--single", "--model", args.model, "--method", method, "--setting",
+               setting, "--calib", str(args.calib), "--threads", str(args.threads), "--seed", str(args.seed),
+               "--config", args.config]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{method} {setting} failed")
+        row = json.loads(line[len("RESULT "):])
+        rows.append(row)
+        print(f"{args.model:18s} {method:9s} {setting:5s} top1={row.get('top1', float('nan')):.2f} "
+              f"t={row['seconds']:.1f}s rss={row['peak_rss_mib']:.0f}MiB", flush=True)
+        write_tables(args.model, rows)
+
+
+if __name__ == "__main__":
+    main()
