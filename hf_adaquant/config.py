@@ -40,11 +40,18 @@ class AdaQuantConfig:
     Pipeline:
         pipeline: "light" (ranges + BN tuning + bias correction, no backprop) or "advanced" (AdaQuant + BN tuning
         + bias tuning). variant: AdaQuant inputs from the quantized prefix ("sequential") or from the FP model
-        ("parallel"). iterations / batch_size: AdaQuant steps per layer and samples per step.
+        ("parallel"). iterations / batch_size: AdaQuant steps per layer and samples per step; layers with large
+        feature maps take fewer samples per step so one step handles at most ``max_step_elements`` output values.
         lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the layer's quantization step*
         (scale-free across layers); lr_bias and lr_zero_point are absolute (bias units, integer grid units).
         weight_deviation_limit: bound on ``|W' - W|`` in weight steps (None: unconstrained, as in the paper).
         bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
+
+    Bit allocation (integer programming; active when a budget is set):
+        size_budget (+ size_budget_unit "fraction" of FP32 weight size, "bits" or "bytes") and/or bops_budget
+        (+ bops_budget_unit "fraction" of FP32 BOPs or "absolute"). candidate_weight_bits x
+        candidate_activation_bits are the per-layer options; sensitivity_criterion "kl" or "mse" (label-free,
+        against the FP outputs) or "task" (needs labels); pinned_layers fixes some layers' ``(w, a)``.
 
     Resources:
         max_calibration_samples: use at most this many calibration samples. cache_dtype: "float16" or "float32"
@@ -66,6 +73,7 @@ class AdaQuantConfig:
     activation_range_method: str = "mse"
     iterations: int = 500
     batch_size: int = 50
+    max_step_elements: int = 1 << 22
     lr_weight: float = 1e-2
     lr_bias: float = 1e-3
     lr_weight_scale: float = 1e-3
@@ -78,6 +86,14 @@ class AdaQuantConfig:
     bias_tuning_steps: int = 200
     bias_tuning_lr: float = 1e-4
     bias_tuning_batch_size: int = 32
+    size_budget: float | None = None
+    size_budget_unit: str = "fraction"
+    bops_budget: float | None = None
+    bops_budget_unit: str = "fraction"
+    candidate_weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    candidate_activation_bits: list[int] = field(default_factory=lambda: [4, 8])
+    sensitivity_criterion: str = "kl"
+    pinned_layers: dict[str, tuple[int, int | None]] = field(default_factory=dict)
     max_calibration_samples: int | None = None
     cache_dtype: str = "float16"
     max_cache_bytes: int = 4 << 30
@@ -108,15 +124,33 @@ class AdaQuantConfig:
                 raise ValueError(f"{name} must be one of {methods}, got {getattr(self, name)!r}")
         if self.weight_range_method == "mean_minmax":
             raise ValueError("weight_range_method 'mean_minmax' is for activations; use 'minmax' or 'mse'")
-        for name in ("iterations", "batch_size", "bias_tuning_steps", "bias_tuning_batch_size"):
+        for name in ("iterations", "batch_size", "max_step_elements", "bias_tuning_steps", "bias_tuning_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if "batch_size" in name else 0):
-                raise ValueError(f"{name} must be a non-negative integer (batch_size >= 1), got {value!r}")
+            if not isinstance(value, int) or value < (1 if name in ("batch_size", "max_step_elements", "bias_tuning_batch_size") else 0):
+                raise ValueError(f"{name} must be a non-negative integer (batch sizes >= 1), got {value!r}")
         for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.weight_deviation_limit is not None and not self.weight_deviation_limit > 0:
             raise ValueError(f"weight_deviation_limit must be > 0 or None, got {self.weight_deviation_limit!r}")
+        for name in ("candidate_weight_bits", "candidate_activation_bits"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} must list at least one bit-width")
+            for bits in values:
+                _check_bits(name, bits)
+        for name, bits in self.pinned_layers.items():
+            _check_bits(f"pinned_layers[{name!r}] weight bits", bits[0])
+            _check_bits(f"pinned_layers[{name!r}] activation bits", bits[1], allow_none=True)
+        if self.sensitivity_criterion not in ("kl", "mse", "task"):
+            raise ValueError(f"sensitivity_criterion must be 'kl', 'mse' or 'task', got {self.sensitivity_criterion!r}")
+        for name, units in (("size_budget_unit", ("fraction", "bits", "bytes")),
+                            ("bops_budget_unit", ("fraction", "absolute"))):
+            if getattr(self, name) not in units:
+                raise ValueError(f"{name} must be one of {units}, got {getattr(self, name)!r}")
+        for name in ("size_budget", "bops_budget"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(self, name)!r}")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
@@ -124,12 +158,17 @@ class AdaQuantConfig:
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this hf_adaquant ({CONFIG_VERSION})")
 
+    @property
+    def has_budget(self) -> bool:
+        return self.size_budget is not None or self.bops_budget is not None
+
     def bits_for(self, name: str) -> tuple[int, int | None]:
         return tuple(self.layer_bits.get(name, (self.weight_bits, self.activation_bits)))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        data["pinned_layers"] = {k: list(v) for k, v in self.pinned_layers.items()}
         return data
 
     @classmethod
@@ -140,6 +179,7 @@ class AdaQuantConfig:
             raise ValueError(f"unknown AdaQuantConfig fields {unknown}; accepted: {sorted(known)}")
         data = dict(data)
         data["layer_bits"] = {k: tuple(v) for k, v in (data.get("layer_bits") or {}).items()}
+        data["pinned_layers"] = {k: tuple(v) for k, v in (data.get("pinned_layers") or {}).items()}
         return cls(**data)
 
     def replace(self, **changes: Any) -> "AdaQuantConfig":

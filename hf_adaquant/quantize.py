@@ -51,6 +51,7 @@ class QuantizationReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     bias_tuning_kl: tuple[float, float] | None = None
     bn_tuned_layers: list[str] = field(default_factory=list)
+    allocation: dict | None = None  # Allocation.to_dict() when the bits came from a size/BOPs budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,11 +108,19 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
 
     seed_everything(config.seed)
     batches = materialize_batches(calibration_data, config.max_calibration_samples)
+    allocation = None
+    if config.has_budget and not config.layer_bits:  # bit allocation: measure, solve, then per-layer bits
+        from .allocation.budget import allocate_for_config
+
+        config, allocation = allocate_for_config(model, batches, config)
+        seed_everything(config.seed)
+        lap("bit_allocation")
     prepared = prepare_model(model, batches[0], config)
     fp_model, qmodel = prepared.fp_model, prepared.qmodel
     layer_names = list(prepared.plan)
     lap("prepare")
-    report = QuantizationReport(config=config.to_dict(), plan={k: list(v) for k, v in prepared.plan.items()})
+    report = QuantizationReport(config=config.to_dict(), plan={k: list(v) for k, v in prepared.plan.items()},
+                                allocation=None if allocation is None else allocation.to_dict())
 
     if config.pipeline == "advanced":
         reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config)

@@ -28,7 +28,8 @@ from .cache import IOCache, capture_layer_io
 __all__ = ["LayerReport", "optimize_layer", "run_adaquant"]
 
 _logger = logging.getLogger(__name__)
-_EVAL_SAMPLES = 512  # MSE before/after is measured on this many cached samples
+_EVAL_SAMPLES = 512  # MSE before/after is measured on at most this many cached samples...
+_EVAL_ELEMENTS = 1 << 24  # ...and at most this many output values (big early feature maps)
 
 
 @dataclass
@@ -56,7 +57,9 @@ def _layer_loss(layer: QModuleMixin, x: torch.Tensor, y: torch.Tensor) -> torch.
 def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int) -> float:
     total, count = 0.0, 0
     device = layer.weight.device
-    for x, y in cache.iterate(batch_size, limit=_EVAL_SAMPLES):
+    per_sample = max(1, cache.y.chunks[0][0].numel())
+    limit = max(1, min(_EVAL_SAMPLES, _EVAL_ELEMENTS // per_sample))
+    for x, y in cache.iterate(batch_size, limit=limit):
         x, y = x.to(device), y.to(device)
         total += _layer_loss(layer, x, y).item() * len(x)
         count += len(x)
@@ -107,11 +110,14 @@ def optimize_layer(
     initial = copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
     groups = _param_groups(layer, config)
+    # Same work per step for every layer: early layers with big feature maps take fewer samples per step.
+    per_sample = max(1, cache.y.chunks[0][0].numel() if len(cache.y.chunks) else 1)
+    step_batch = max(1, min(config.batch_size, config.max_step_elements // per_sample))
     if config.iterations > 0 and groups:
         optimizer = torch.optim.Adam(groups)
         layer.train()
         for _ in range(config.iterations):
-            x, y = cache.sample(config.batch_size, generator)
+            x, y = cache.sample(step_batch, generator)
             x, y = x.to(layer.weight.device), y.to(layer.weight.device)
             loss = _layer_loss(layer, x, y)
             optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,20 @@
-"""Bit allocation: choose a precision per layer under size / BOPs budgets by integer programming."""
+"""Bit allocation: choose a precision per layer under size / BOPs budgets by integer programming.
 
+``ilp`` is the solver (pure numpy/scipy); ``budget`` maps a config to options, pins and budgets; ``sensitivity``
+measures the per-layer, per-option criterion increases; ``pareto`` sweeps budgets and plots the results.
+"""
+
+from .budget import (
+    FLOAT_ACTIVATION_BITS,
+    allocate_bits,
+    allocation_to_layer_bits,
+    bits_of_option,
+    build_problem,
+    candidate_options,
+    check_budget,
+    option_of_bits,
+    policy_pins,
+)
 from .ilp import (
     BOPS_UNITS,
     SIZE_UNITS,
@@ -12,15 +27,31 @@ from .ilp import (
     solve_allocation,
     uniform_allocation,
 )
+from .pareto import pareto_sweep, plot_bits_per_layer, plot_pareto
+from .sensitivity import measure_sensitivity, sensitivity_fingerprint
 
 __all__ = [
     "BOPS_UNITS",
+    "FLOAT_ACTIVATION_BITS",
     "SIZE_UNITS",
     "Allocation",
     "AllocationProblem",
     "BitOption",
     "InfeasibleBudgetError",
+    "allocate_bits",
+    "allocation_to_layer_bits",
+    "bits_of_option",
     "bops_of",
+    "build_problem",
+    "candidate_options",
+    "check_budget",
+    "measure_sensitivity",
+    "option_of_bits",
+    "pareto_sweep",
+    "plot_bits_per_layer",
+    "plot_pareto",
+    "policy_pins",
+    "sensitivity_fingerprint",
     "size_of",
     "solve_allocation",
     "uniform_allocation",

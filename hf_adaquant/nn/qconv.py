@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qmodule import QModuleMixin, register_qmodule
+from .qmodule import QModuleMixin, copy_weight_and_bias, register_qmodule
 
 __all__ = ["QConv2d"]
 
@@ -17,13 +17,11 @@ class QConv2d(QModuleMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, module: nn.Conv2d, weight_bits: int, activation_bits: int | None, *,
                    weight_symmetric: bool = False, activation_symmetric: bool = False) -> "QConv2d":
-        q = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                padding=module.padding, dilation=module.dilation, groups=module.groups, bias=True,
-                padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            # Always carry a bias: bias correction/tuning need one even where the float conv had none.
-            q.bias.copy_(module.bias if module.bias is not None else torch.zeros_like(q.bias))
+        padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+        q = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=padding,
+                dilation=module.dilation, groups=module.groups, bias=True, padding_mode=module.padding_mode,
+                device=module.weight.device, dtype=module.weight.dtype)
+        copy_weight_and_bias(q, module)
         q._init_quantizers(weight_bits, activation_bits, weight_symmetric, activation_symmetric)
         return q
 

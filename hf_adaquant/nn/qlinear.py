@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qmodule import QModuleMixin, register_qmodule
+from .qmodule import QModuleMixin, copy_weight_and_bias, register_qmodule
 
 __all__ = ["QLinear"]
 
@@ -20,9 +20,7 @@ class QLinear(QModuleMixin, nn.Linear):
                    weight_symmetric: bool = False, activation_symmetric: bool = False) -> "QLinear":
         q = cls(module.in_features, module.out_features, bias=True, device=module.weight.device,
                 dtype=module.weight.dtype)
-        with torch.no_grad():
-            q.weight.copy_(module.weight)
-            q.bias.copy_(module.bias if module.bias is not None else torch.zeros_like(q.bias))
+        copy_weight_and_bias(q, module)
         q._init_quantizers(weight_bits, activation_bits, weight_symmetric, activation_symmetric)
         return q
 

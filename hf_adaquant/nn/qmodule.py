@@ -9,7 +9,7 @@ from torch import nn
 
 from ..quant import Quantizer
 
-__all__ = ["QMODULES", "QModuleMixin", "quantize_module", "register_qmodule"]
+__all__ = ["QMODULES", "QModuleMixin", "copy_weight_and_bias", "quantize_module", "register_qmodule"]
 
 QMODULES: dict[type[nn.Module], type["QModuleMixin"]] = {}
 T = TypeVar("T", bound=type)
@@ -88,6 +88,14 @@ class QModuleMixin:
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bn is None else self.bn(y)
+
+
+@torch.no_grad()
+def copy_weight_and_bias(q: nn.Module, module: nn.Module) -> None:
+    """Copy a float layer's weight and bias into its quantized twin (zero bias where it had none: bias
+    correction and tuning need one)."""
+    q.weight.copy_(module.weight)
+    q.bias.copy_(module.bias if module.bias is not None else torch.zeros_like(q.bias))
 
 
 def quantize_module(module: nn.Module, weight_bits: int, activation_bits: int | None, **kwargs: bool) -> nn.Module:

@@ -50,6 +50,10 @@ def trace_layers(model: nn.Module, batch: Batch) -> list[LayerInfo]:
         ValueError: the batch does not fit the model (the model's own error is attached), or no layer ran.
     """
     kinds = tuple(QMODULES)
+    unsupported = sorted({type(m).__name__ for m in model.modules()
+                          if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and type(m) not in kinds})
+    if unsupported:
+        _logger.warning("layers of types %s have no quantized module registered and stay in float", unsupported)
     calls: dict[str, list[LayerInfo]] = {}
     handles = []
     for name, module in model.named_modules():

@@ -1,0 +1,1 @@
+"""Glue to other libraries (timm layers, transformers quantizer registration, accelerate)."""
