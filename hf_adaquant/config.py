@@ -140,6 +140,8 @@ class AdaQuantConfig:
             for bits in values:
                 _check_bits(name, bits)
         for name, bits in self.pinned_layers.items():
+            if not isinstance(bits, (tuple, list)) or len(bits) != 2:
+                raise ValueError(f"pinned_layers[{name!r}] must be (weight_bits, activation_bits), got {bits!r}")
             _check_bits(f"pinned_layers[{name!r}] weight bits", bits[0])
             _check_bits(f"pinned_layers[{name!r}] activation bits", bits[1], allow_none=True)
         if self.sensitivity_criterion not in ("kl", "mse", "task"):

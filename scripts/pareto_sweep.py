@@ -44,7 +44,8 @@ def write_markdown(path: Path, model: str, args: argparse.Namespace, rows: list[
         f"# Mixed-precision bit allocation: {model}",
         "",
         f"pipeline {args.pipeline}, criterion {args.criterion}, {args.calib} calibration images, "
-        f"{args.iterations} AdaQuant iterations, candidates W{'/'.join(map(str, args.weight_bits))} x "
+        + (f"{args.iterations} AdaQuant iterations, " if args.pipeline == "advanced" else "")
+        + f"candidates W{'/'.join(map(str, args.weight_bits))} x "
         f"A{'/'.join(map(str, args.activation_bits))}, "
         f"first/last at {args.first_last_bits} bit. FP32 top-1: {fp:.2f}. Sensitivities: {sens_s:.0f} s "
         "(0 when cached). Size = weight bits of the quantized layers / FP32.",
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--activation-bits", type=int, nargs="+", default=[4, 8], help="candidate activation bits")
     parser.add_argument("--first-last-bits", type=int, default=8, help="first/last layer bits (0: no pin)")
     parser.add_argument("--criterion", choices=["kl", "mse", "task"], default="kl")
+    parser.add_argument("--sens-eval-samples", type=int, default=None,
+                        help="evaluate the sensitivity criterion on this many calibration images (default: all); "
+                             "each (layer, option) costs one forward pass over them")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     parser.add_argument("--no-uniform", action="store_true", help="skip the uniform-precision comparison")
     parser.add_argument("--config", default="", help="JSON dict of further AdaQuantConfig overrides")
@@ -103,7 +107,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = pareto_sweep(model, calib, config, args.budgets, lambda m: evaluate_classifier(m, x_ev, y_ev),
                         cache_path=args.out_dir / f"{stem}_{args.pipeline}_sensitivity.json", labels=labels,
-                        compare_uniform=not args.no_uniform)
+                        max_eval_samples=args.sens_eval_samples, compare_uniform=not args.no_uniform)
     payload = {"model": args.model, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "config": config.to_dict(), "eval_samples": int(len(y_ev)), "seconds": time.perf_counter() - start,
                "rows": rows}

@@ -33,15 +33,6 @@ from hf_adaquant.size import model_size
 LAYERS = ["0", "3", "5", "9"]  # the quantizable layers of tiny_model(), in execution order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tests use tiny tensors: one thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -125,6 +116,9 @@ def test_mse_and_task_criteria() -> None:
     assert problem.sensitivity.shape == (4, 2) and np.isfinite(problem.sensitivity).all()
     # Cross-entropy increases can be negative (a quantized layer can sharpen correct logits); W8 barely moves it.
     assert np.abs(problem.sensitivity[:, 1]).max() < np.abs(problem.sensitivity[:, 0]).max()
+    # Evaluation on a prefix of the calibration samples (labels sliced along, the last batch cut short).
+    part = measure_sensitivity(model, batches, task, labels=labels, max_eval_samples=40, progress=False)
+    assert np.isfinite(part.sensitivity).all() and not np.allclose(part.sensitivity, problem.sensitivity)
     # A custom loss (here: a per-batch label list and a loss that ignores the model) gives zero increase.
     flat = measure_sensitivity(model, batches, task, labels=[labels[:32], labels[32:]],
                                loss_fn=lambda out, y: torch.tensor(1.0), progress=False)
@@ -191,6 +185,9 @@ def test_cache_reuse_and_invalidation(tmp_path: Path, monkeypatch: pytest.Monkey
     with torch.no_grad():
         other[3].weight.mul_(1.01)
     measure_sensitivity(other, tiny_batches(seed=2), changed, cache_path=path, progress=False)
+    assert len(calls) == 12
+    calls.clear()
+    measure_sensitivity(other, tiny_batches(seed=2), changed, cache_path=path, max_eval_samples=16, progress=False)
     assert len(calls) == 12
 
 

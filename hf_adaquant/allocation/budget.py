@@ -62,7 +62,8 @@ def bits_of_option(option: BitOption) -> tuple[int, int | None]:
 def candidate_options(config: AdaQuantConfig) -> list[BitOption]:
     """The per-layer options of ``config`` in a stable order (weight bits major), duplicates removed."""
     wbits = sorted(set(config.candidate_weight_bits))
-    abits: list[int | None] = [None] if config.activation_bits is None else sorted(set(config.candidate_activation_bits))
+    abits: list[int | None] = (
+        [None] if config.activation_bits is None else sorted(set(config.candidate_activation_bits)))
     return [option_of_bits(w, a) for w in wbits for a in abits]
 
 
@@ -140,7 +141,13 @@ def check_budget(problem: AllocationProblem, config: AdaQuantConfig) -> None:
         layer_names=problem.layer_names, options=problem.options,
         sensitivity=np.where(np.isnan(problem.sensitivity), np.nan, 0.0),
         num_params=problem.num_params, macs=problem.macs, pinned=problem.pinned)
-    solve_allocation(placeholder, **_budget_kwargs(config))
+    solver_logger = logging.getLogger(solve_allocation.__module__)
+    level = solver_logger.level
+    solver_logger.setLevel(max(level, logging.WARNING))  # no "bit allocation: ..." line for the placeholder
+    try:
+        solve_allocation(placeholder, **_budget_kwargs(config))
+    finally:
+        solver_logger.setLevel(level)
 
 
 def allocate_bits(problem: AllocationProblem, config: AdaQuantConfig, *, time_limit: float | None = None) -> Allocation:

@@ -66,6 +66,7 @@ def pareto_sweep(
     cache_path: str | os.PathLike | None = None,
     labels: Any = None,
     loss_fn: LossFn | None = None,
+    max_eval_samples: int | None = None,
     compare_uniform: bool = True,
     evaluate_fp: bool = True,
     higher_is_better: bool = True,
@@ -81,6 +82,7 @@ def pareto_sweep(
         evaluate_fn: metric of a model (e.g. top-1 accuracy on a held-out set).
         cache_path: sensitivity cache (see :func:`measure_sensitivity`).
         labels, loss_fn: for ``sensitivity_criterion="task"``.
+        max_eval_samples: samples the sensitivity criterion is evaluated on (see :func:`measure_sensitivity`).
         compare_uniform: also quantize and evaluate the best uniform setting of at most the mixed solution's size
             (the largest uniform options that fit, each evaluated once across budgets; the best metric is kept).
         evaluate_fp: record ``evaluate_fn(model)`` as ``fp_metric`` in every row.
@@ -97,7 +99,8 @@ def pareto_sweep(
     measure_config = config.replace(size_budget=None, bops_budget=None, layer_bits={})
     start = time.perf_counter()
     problem = measure_sensitivity(model, batches, measure_config, labels=labels, loss_fn=loss_fn,
-                                  cache_path=cache_path, progress=config.progress)
+                                  cache_path=cache_path, max_eval_samples=max_eval_samples,
+                                  progress=config.progress)
     sensitivity_seconds = time.perf_counter() - start
     fp_metric = float(evaluate_fn(model)) if evaluate_fp else None
     uniform_results: dict[BitOption, dict[str, Any]] = {}
@@ -242,9 +245,9 @@ def plot_bits_per_layer(allocation: Allocation | Mapping[str, Any], path: str | 
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     ax.set_ylabel("bits")
     ax.set_yticks([2, 3, 4, 5, 6, 7, 8])
-    ax.set_ylim(0, 8.5)
+    ax.set_ylim(0, 9.8)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=120)

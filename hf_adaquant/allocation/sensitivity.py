@@ -1,4 +1,4 @@
-"""Per-layer sensitivities for bit allocation: ``sens[l, k]`` = criterion increase with only layer ``l`` at option ``k``.
+"""Sensitivities for bit allocation: ``sens[l, k]`` = criterion increase with only layer ``l`` at option ``k``.
 
 For every layer (not pinned) and every candidate option, a fresh quantized copy of the float layer is fitted on
 that layer's FP inputs (the parallel variant: every ``(l, k)`` is independent) and swapped, alone, into the FP
@@ -40,7 +40,7 @@ from ..config import AdaQuantConfig
 from ..nn import quantize_module
 from ..prepare.fold_bn import FoldResult
 from ..tuning.bias import _kl, output_tensors
-from ..utils.batches import Batch, batch_size, call_model, materialize_batches
+from ..utils.batches import Batch, _slice, batch_size, call_model, materialize_batches
 from ..utils.seeding import make_generator
 from .budget import build_problem, candidate_options, check_budget, policy_pins
 from .ilp import AllocationProblem, BitOption
@@ -56,8 +56,8 @@ _COMMON_FIELDS = ("pipeline", "first_last_bits", "include", "exclude", "pinned_l
                   "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
                   "weight_range_method", "activation_range_method", "max_calibration_samples", "seed",
                   "cache_dtype")
-_ADVANCED_FIELDS = ("iterations", "batch_size", "lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale",
-                    "lr_zero_point", "weight_deviation_limit")
+_ADVANCED_FIELDS = ("iterations", "batch_size", "max_step_elements", "lr_weight", "lr_bias", "lr_weight_scale",
+                    "lr_act_scale", "lr_zero_point", "weight_deviation_limit")
 
 _TASK_NEEDS_LABELS = (
     "sensitivity_criterion='task' needs labels (and optionally a loss_fn; default cross-entropy on the first "
@@ -98,16 +98,29 @@ class _Criterion:
     """Criterion of a model on the calibration batches, relative to the FP model (FP value subtracted)."""
 
     def __init__(self, kind: str, fp_model: nn.Module, batches: Sequence[Batch], labels: Any,
-                 loss_fn: LossFn | None) -> None:
+                 loss_fn: LossFn | None, max_samples: int | None = None) -> None:
         self.kind = kind
-        self.batches = batches
-        self.weights = [batch_size(b) for b in batches]
+        per_batch_labels = _split_labels(labels, batches) if labels is not None else None
+        self.batches, self.weights = [], []
+        for i, batch in enumerate(batches):  # the first max_samples samples
+            n = batch_size(batch)
+            if max_samples is not None:
+                n = min(n, max_samples - sum(self.weights))
+                if n <= 0:
+                    break
+                if n < batch_size(batch):
+                    batch = _slice(batch, 0, n)
+                    if per_batch_labels is not None:
+                        per_batch_labels[i] = per_batch_labels[i][:n]
+            self.batches.append(batch)
+            self.weights.append(n)
+        batches = self.batches
         self.labels = None
         self.loss_fn = loss_fn or _default_task_loss
         if kind == "task":
             if labels is None:
                 raise ValueError(_TASK_NEEDS_LABELS)
-            self.labels = _split_labels(labels, batches)
+            self.labels = per_batch_labels[: len(batches)]
             self.targets: list[list[torch.Tensor]] = []
         else:
             with torch.no_grad():
@@ -185,17 +198,18 @@ def _jsonable(value: Any) -> Any:
 
 def sensitivity_fingerprint(
     config: AdaQuantConfig, layer_names: Sequence[str], *, model_hash: str = "", data_hash: str = "",
-    labels_hash: str = "", loss_fn: LossFn | None = None,
+    labels_hash: str = "", loss_fn: LossFn | None = None, max_eval_samples: int | None = None,
 ) -> dict[str, Any]:
     """What a cached sensitivity matrix depends on: the relevant config fields (AdaQuant hyper-parameters only for
     the advanced pipeline), the layer names, and hashes of the model weights and calibration data."""
     fields = _COMMON_FIELDS + (_ADVANCED_FIELDS if config.pipeline == "advanced" else ())
     fp: dict[str, Any] = {"cache_version": SENSITIVITY_CACHE_VERSION}
-    fp.update({name: _jsonable(getattr(config, name)) for name in fields})
+    fp.update({name: _jsonable(getattr(config, name, None)) for name in fields})
     fp["weight_only"] = config.activation_bits is None
     fp["layer_names"] = list(layer_names)
     fp["model_hash"] = model_hash
     fp["data_hash"] = data_hash
+    fp["max_eval_samples"] = max_eval_samples
     if config.sensitivity_criterion == "task":
         fp["labels_hash"] = labels_hash
         fp["loss_fn"] = "default_cross_entropy" if loss_fn is None else \
@@ -270,6 +284,7 @@ def measure_sensitivity(
     labels: Any = None,
     loss_fn: LossFn | None = None,
     cache_path: str | os.PathLike | None = None,
+    max_eval_samples: int | None = None,
     progress: bool = True,
 ) -> AllocationProblem:
     """Measure the ``(L, K)`` sensitivity matrix of ``model`` and return the allocation problem.
@@ -281,11 +296,15 @@ def measure_sensitivity(
         config: pipeline ("advanced": AdaQuant per option; "light": ranges only), candidates, criterion, the
             first/last policy and ``pinned_layers`` (pinned layers are not measured), include/exclude. If the config
             has a budget it is checked for feasibility first (:class:`InfeasibleBudgetError`, before measuring).
+            ``config.layer_bits`` is ignored (it is what allocation produces); pin layers with ``pinned_layers``.
         labels: for ``sensitivity_criterion="task"``: one entry per batch, or one tensor over all samples.
         loss_fn: for "task": ``loss_fn(model_output, labels) -> scalar`` (mean over the batch); default
             cross-entropy on the first output tensor.
         cache_path: JSON file; reused when its fingerprint (config fields that matter, layer names, model and data
             hashes) matches, recomputed and overwritten otherwise.
+        max_eval_samples: evaluate the criterion on the first this many calibration samples only (None: all).
+            Every ``(layer, option)`` costs a forward pass of the whole model over them, which dominates the time
+            of the light pipeline on large models; the layers are still fitted on all samples.
         progress: show a tqdm bar over the ``(layer, option)`` measurements.
 
     Returns:
@@ -294,6 +313,8 @@ def measure_sensitivity(
     """
     from ..quantize import prepare_model  # late: quantize imports this package lazily
 
+    if max_eval_samples is not None and max_eval_samples < 1:
+        raise ValueError(f"max_eval_samples must be >= 1 or None, got {max_eval_samples!r}")
     batches = materialize_batches(calibration_batches, config.max_calibration_samples)
     if config.sensitivity_criterion == "task" and labels is None:
         raise ValueError(_TASK_NEEDS_LABELS)
@@ -310,13 +331,14 @@ def measure_sensitivity(
     if path is not None:
         fingerprint = sensitivity_fingerprint(
             config, names, model_hash=_hash_model(model), data_hash=_hash_data(batches),
-            labels_hash=_hash_data(_split_labels(labels, batches)) if labels is not None else "", loss_fn=loss_fn)
+            labels_hash=_hash_data(_split_labels(labels, batches)) if labels is not None else "", loss_fn=loss_fn,
+            max_eval_samples=max_eval_samples)
         cached = _load_cache(path, fingerprint)
         if cached is not None:
             return cached
 
     start = time.perf_counter()
-    criterion = _Criterion(config.sensitivity_criterion, fp_model, batches, labels, loss_fn)
+    criterion = _Criterion(config.sensitivity_criterion, fp_model, batches, labels, loss_fn, max_eval_samples)
     options = candidate_options(config)
     pins = policy_pins(names, config)
     sens = np.full(skeleton.sensitivity.shape, np.nan)

@@ -1,0 +1,256 @@
+"""AdaQuant proper: layer MSE goes down, sequential inputs come from the quantized prefix for every sample."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn
+from torch import nn
+
+from hf_adaquant import prepare_model
+from hf_adaquant.adaquant import IOCache, capture_layer_io, layerwise, optimize_layer, run_adaquant
+from hf_adaquant.nn import QConv2d
+from hf_adaquant.utils.seeding import make_generator
+
+
+def _cached(cache: IOCache) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*cache.iterate(10_000))
+    return torch.cat(xs), torch.cat(ys)
+
+
+# --------------------------------------------------------------------------------------- layer MSE
+
+
+def test_report_mse_after_never_above_before(quantized_tiny_cnn) -> None:
+    _, qmodel, batches = quantized_tiny_cnn
+    layers = qmodel.hf_adaquant_report.layers
+    assert [l["name"] for l in layers] == TINY_CNN_LAYERS
+    for l in layers:
+        assert l["num_samples"] == sum(len(b) for b in batches)
+        assert 0 < l["mse_after"] <= l["mse_before"], l
+        assert (l["weight_bits"], l["activation_bits"]) == tuple(qmodel.hf_adaquant_report.plan[l["name"]])
+    improved = [l for l in layers if l["mse_after"] < 0.98 * l["mse_before"]]
+    assert len(improved) >= 0.6 * len(layers), layers
+
+
+def _random_conv_cache(seed: int = 0, n_batches: int = 4):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(8, 12, 3, padding=1).eval()
+    fp = nn.Sequential(conv).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.relu(torch.randn(16, 8, 12, 12, generator=g)) for _ in range(n_batches)]
+    cache = capture_layer_io(fp, fp, "0", batches, dtype=torch.float32)
+    return conv, cache, batches
+
+
+def test_optimize_layer_lowers_mse_on_random_layer() -> None:
+    conv, cache, batches = _random_conv_cache()
+    fp_weight = conv.weight.detach().clone()
+    layer = QConv2d.from_float(conv, 3, 4)
+    config = fast_config(weight_bits=3, activation_bits=4, iterations=50, batch_size=32)
+    report = optimize_layer(layer, cache, config, make_generator(0, 0), name="conv")
+    assert report.num_samples == 64 and report.weight_bits == 3 and report.activation_bits == 4
+    assert report.mse_after < 0.9 * report.mse_before
+    # The reported numbers are the real layer error on the cached data.
+    x, y = _cached(cache)
+    with torch.no_grad():
+        assert F.mse_loss(layer(x), y).item() == pytest.approx(report.mse_after, rel=1e-4)
+        ref = QConv2d.from_float(conv, 3, 4)
+        optimize_layer(ref, cache, config.replace(iterations=0), make_generator(0, 0))
+        assert F.mse_loss(ref(x), y).item() == pytest.approx(report.mse_before, rel=1e-4)
+    assert torch.equal(conv.weight, fp_weight)  # the float layer is untouched
+    assert not torch.equal(layer.weight.detach(), fp_weight)  # W' was learned
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def test_optimize_layer_applies_following_relu_to_the_loss() -> None:
+    conv, cache, _ = _random_conv_cache(seed=3)
+    layer = QConv2d.from_float(conv, 4, 8)
+    layer.output_activation = "relu"
+    report = optimize_layer(layer, cache, fast_config(iterations=0), make_generator(0, 0))
+    x, y = _cached(cache)
+    with torch.no_grad():
+        out = layer(x)
+        assert report.mse_before == pytest.approx(F.mse_loss(torch.relu(out), torch.relu(y)).item(), rel=1e-4)
+        assert report.mse_before < F.mse_loss(out, y).item()
+
+
+def test_optimize_layer_restores_initial_state_when_training_diverges() -> None:
+    conv, cache, _ = _random_conv_cache(seed=1)
+    layer = QConv2d.from_float(conv, 4, 4)
+    bad = fast_config(iterations=20, lr_weight=1e4, lr_bias=1e3, lr_weight_scale=0.0, lr_act_scale=0.0,
+                      lr_zero_point=0.0)
+    report = optimize_layer(layer, cache, bad, make_generator(0, 0))
+    assert report.mse_after == report.mse_before
+    init = QConv2d.from_float(conv, 4, 4)
+    optimize_layer(init, cache, bad.replace(iterations=0), make_generator(0, 0))
+    for (k, a), (_, b) in zip(layer.state_dict().items(), init.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_weight_deviation_limit_is_respected() -> None:
+    conv, cache, _ = _random_conv_cache(seed=2)
+    layer = QConv2d.from_float(conv, 3, 8)
+    config = fast_config(iterations=40, lr_weight=0.2, weight_deviation_limit=0.5)
+    report = optimize_layer(layer, cache, config, make_generator(0, 0))
+    assert report.mse_after < report.mse_before
+    step = layer.weight_quantizer.scale.detach()[:, None, None, None]
+    dev = (layer.weight.detach() - conv.weight.detach()).abs()
+    assert torch.all(dev <= 0.5 * step * (1 + 1e-5))
+    assert torch.any(dev > 0.45 * step)  # the bound was reached, so it did bind
+
+
+def test_run_adaquant_report_matches_layer_error() -> None:
+    batches = make_batches(2, 16)
+    model = make_tiny_cnn(0, batches)
+    config = fast_config(iterations=20, cache_dtype="float32")
+    prepared = prepare_model(model, batches[0], config)
+    reports = run_adaquant(prepared.qmodel, prepared.fp_model, list(prepared.plan), batches, config)
+    assert [r.name for r in reports] == TINY_CNN_LAYERS
+    last = prepared.qmodel.fc
+    cache = capture_layer_io(prepared.qmodel, prepared.fp_model, "fc", batches, dtype=torch.float32)
+    x, y = _cached(cache)
+    with torch.no_grad():
+        assert F.mse_loss(last(x), y).item() == pytest.approx(reports[-1].mse_after, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------- sequential / parallel
+
+
+@pytest.fixture
+def prepared_with_first_layer():
+    """TinyCNN prepared at W3A3 (no 8-bit floor), its first layer AdaQuant-ed, and 4 calibration batches."""
+    batches = make_batches(4, 8)
+    model = make_tiny_cnn(0, batches)
+    config = fast_config(weight_bits=3, activation_bits=3, first_last_bits=None, iterations=10)
+    prepared = prepare_model(model, batches[0], config)
+    cache = capture_layer_io(prepared.qmodel, prepared.fp_model, "conv1", batches)
+    optimize_layer(prepared.qmodel.conv1, cache, config, make_generator(0, 0))
+    return prepared, batches, config
+
+
+def test_sequential_capture_uses_quantized_inputs_for_every_sample(prepared_with_first_layer) -> None:
+    prepared, batches, _ = prepared_with_first_layer
+    qmodel, fp = prepared.qmodel, prepared.fp_model
+    cache = capture_layer_io(qmodel, fp, "conv2", batches, dtype=torch.float32)
+    x_cached, y_cached = _cached(cache)
+    assert x_cached.shape == (32, 8, 32, 32) and y_cached.shape == (32, 16, 16, 16)
+    start = 0
+    for i, b in enumerate(batches):
+        with torch.no_grad():
+            q_in = torch.relu(qmodel.conv1(b))  # the quantized prefix, computed directly
+            fp_in = torch.relu(fp.conv1(b))
+            fp_out = fp.conv2(fp_in)
+        rows = slice(start, start + len(b))
+        start += len(b)
+        assert torch.allclose(x_cached[rows], q_in, atol=1e-6), f"batch {i}: cached input is not the quantized one"
+        for j in range(len(b)):  # every sample, not only the first batch
+            assert (x_cached[rows][j] - fp_in[j]).abs().max() > 1e-3, (i, j)
+        assert torch.allclose(y_cached[rows], fp_out, atol=1e-5), f"batch {i}: targets must stay FP"
+
+
+def test_sequential_capture_with_fp16_cache(prepared_with_first_layer) -> None:
+    prepared, batches, _ = prepared_with_first_layer
+    cache = capture_layer_io(prepared.qmodel, prepared.fp_model, "conv2", batches)
+    x_cached, _ = _cached(cache)
+    with torch.no_grad():
+        q_in = torch.cat([torch.relu(prepared.qmodel.conv1(b)) for b in batches])
+    assert torch.allclose(x_cached, q_in.half().float())
+
+
+def test_parallel_capture_uses_fp_inputs(prepared_with_first_layer) -> None:
+    prepared, batches, _ = prepared_with_first_layer
+    fp = prepared.fp_model
+    cache = capture_layer_io(fp, fp, "conv2", batches, dtype=torch.float32)
+    x_cached, y_cached = _cached(cache)
+    with torch.no_grad():
+        fp_in = torch.cat([torch.relu(fp.conv1(b)) for b in batches])
+        assert torch.allclose(x_cached, fp_in, atol=1e-6)
+        assert torch.allclose(y_cached, fp.conv2(fp_in), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sequential", "parallel"])
+def test_run_adaquant_feeds_each_layer_the_right_inputs(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spy on the caches run_adaquant builds: sequential inputs come from the quantized prefix as it was
+    optimised so far (every batch), parallel inputs from the FP model; targets are FP in both."""
+    batches = make_batches(3, 8)
+    model = make_tiny_cnn(0, batches)
+    config = fast_config(weight_bits=3, activation_bits=3, first_last_bits=None, iterations=10, variant=variant,
+                         cache_dtype="float32")
+    prepared = prepare_model(model, batches[0], config)
+    qmodel, fp = prepared.qmodel, prepared.fp_model
+    seen: dict[str, tuple[bool, torch.Tensor, torch.Tensor]] = {}
+    real_capture = layerwise.capture_layer_io
+
+    def spy(input_model, target_model, layer, data, **kwargs):
+        assert target_model is fp
+        cache = real_capture(input_model, target_model, layer, data, **kwargs)
+        seen[layer] = (input_model is qmodel, *(t.clone() for t in _cached(cache)))
+        return cache
+
+    monkeypatch.setattr(layerwise, "capture_layer_io", spy)
+    run_adaquant(qmodel, fp, list(prepared.plan), batches, config)
+    assert list(seen) == TINY_CNN_LAYERS
+    x_all = torch.cat(batches)
+    with torch.no_grad():
+        q_in = torch.relu(qmodel.conv1(x_all))  # conv1 is final once conv2 starts (sequential order)
+        fp_in = torch.relu(fp.conv1(x_all))
+        fp_out = fp.conv2(fp_in)
+    from_q, x_cached, y_cached = seen["conv2"]
+    assert torch.allclose(y_cached, fp_out, atol=1e-5)
+    if variant == "sequential":
+        assert from_q
+        assert torch.allclose(x_cached, q_in, atol=1e-6)
+        per_sample_gap = (x_cached - fp_in).flatten(1).abs().amax(1)
+        assert torch.all(per_sample_gap > 1e-3)  # all 24 samples, all 3 batches
+    else:
+        assert not from_q and all(not s[0] for s in seen.values())
+        assert torch.allclose(x_cached, fp_in, atol=1e-6)
+    # The network input is never quantized by another layer: the first cache always holds the raw batches.
+    assert torch.allclose(seen["conv1"][1], x_all)
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_sample_keeps_inputs_and_targets_paired() -> None:
+    conv, cache, _ = _random_conv_cache(seed=4)
+    g = make_generator(0, 1)
+    for _ in range(5):
+        x, y = cache.sample(10, g)
+        assert len(x) == len(y) == 10
+        with torch.no_grad():
+            assert torch.allclose(conv(x), y, atol=1e-5)
+
+
+def test_cache_spilled_to_disk_equals_in_memory() -> None:
+    """max_cache_bytes bounds memory by spilling to disk; the cached data must be the same.
+
+    The inputs (8x32x32) and outputs (16x16x16) of conv2 differ in size, so with a budget between the two the
+    input store spills at a different chunk than the target store.
+    """
+    batches = make_batches(4, 16)
+    model = make_tiny_cnn(0, batches)
+    in_memory = capture_layer_io(model, model, "conv2", batches)
+    x_ref, y_ref = _cached(in_memory)
+    for max_bytes in (0, 2 * 300_000):
+        spilled = capture_layer_io(model, model, "conv2", batches, max_bytes=max_bytes)
+        try:
+            assert spilled.x.spill_dir is not None
+            x, y = _cached(spilled)
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+            xs, ys = spilled.sample(8, make_generator(0, 2))
+            with torch.no_grad():
+                assert torch.allclose(model.conv2(xs), ys, atol=2e-2)
+        finally:
+            spilled.cleanup()
+        assert spilled.x.spill_dir is None
+
+
+def test_capture_raises_when_layer_does_not_run() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    model.unused = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="did not run"):
+        capture_layer_io(model, model, "unused", [torch.randn(2, 3, 4, 4)])
