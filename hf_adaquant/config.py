@@ -71,7 +71,7 @@ class AdaQuantConfig:
     activation_symmetric: bool = False
     weight_range_method: str = "mse"
     activation_range_method: str = "mse"
-    iterations: int = 500
+    iterations: int = 200
     batch_size: int = 50
     max_step_elements: int = 1 << 22
     lr_weight: float = 1e-2

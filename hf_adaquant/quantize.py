@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -22,7 +23,7 @@ from .nn import quantize_module
 from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
 from .prepare.fold_bn import FoldResult
 from .tuning import correct_bias, tune_batchnorm, tune_bias
-from .utils.batches import Batch, materialize_batches, split_batches
+from .utils.batches import Batch, batch_size, materialize_batches, split_batches
 from .utils.seeding import seed_everything
 
 __all__ = ["PreparedModel", "QuantizationReport", "prepare_model", "quantize"]
@@ -123,7 +124,11 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
                                 allocation=None if allocation is None else allocation.to_dict())
 
     if config.pipeline == "advanced":
-        reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config)
+        num_samples = sum(batch_size(b) for b in batches)
+        element_size = 2 if config.cache_dtype == "float16" else 4
+        layer_bytes = {l.name: num_samples * element_size * (math.prod(l.input_shape) + math.prod(l.output_shape))
+                       for l in prepared.layers}
+        reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config, layer_bytes)
         report.layers = [r.to_dict() for r in reports]
         lap("adaquant")
     else:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CNN_LAYERS, fast_config
+from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn
 from torch import nn
 
 from hf_adaquant import prepare_model, quantize
@@ -100,6 +100,29 @@ def test_bn_tuning_keeps_quantized_weights_on_the_rescaled_grid(low_bit_naive, c
         # Folding BN only rescales each output channel of the quantized weight.
         assert torch.allclose(layer.quantized_weight().detach(), wq_old * factor, atol=1e-6)
         assert torch.allclose(layer.weight.detach(), layer.quantized_weight().detach(), atol=1e-6)
+
+
+def test_bn_tuning_keeps_a_near_lossless_model_close_to_fp(calib_batches) -> None:
+    """BN tuning is meant to restore the FP layer statistics. When the folded BN's running statistics do not
+    describe the calibration data (here: BN fitted on shifted/rescaled data, as after training-time
+    augmentation), forcing every channel to (|gamma|, beta) moves the model away from the FP model it copies.
+    At W8A8 the model is nearly lossless before BN tuning and must stay so after it."""
+    train = [b * 1.5 + 0.3 for b in make_batches(seed=9)]
+    model = make_tiny_cnn(0, train)
+    config = fast_config(weight_bits=8, activation_bits=8, pipeline="light", bn_tuning=False,
+                         bias_correction=False)
+    qmodel = quantize(model, calib_batches, config)
+    x = torch.cat(calib_batches)
+
+    def rel_err() -> float:
+        with torch.no_grad():
+            ref = model(x)
+            return ((qmodel(x) - ref).norm() / ref.norm()).item()
+
+    before = rel_err()
+    assert before < 0.02
+    tune_batchnorm(qmodel, calib_batches)
+    assert rel_err() < max(2 * before, 0.02)
 
 
 def test_bn_tuning_without_folded_bn_is_a_noop(calib_batches) -> None:

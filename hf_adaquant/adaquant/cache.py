@@ -18,7 +18,7 @@ from torch import nn
 
 from ..utils.batches import Batch, call_model
 
-__all__ = ["IOCache", "capture_layer_io"]
+__all__ = ["IOCache", "capture_layer_io", "capture_layers_io"]
 
 
 class _StopForward(Exception):
@@ -168,3 +168,49 @@ def capture_layer_io(
         _capture(input_model, layer, batches, cache.x.append, None)
         _capture(target_model, layer, batches, None, cache.y.append)
     return cache.finalize()
+
+
+@torch.no_grad()
+def capture_layers_io(
+    model: nn.Module,
+    layers: Sequence[str],
+    batches: Sequence[Batch],
+    *,
+    dtype: torch.dtype = torch.float16,
+    max_bytes: int = 4 << 30,
+) -> dict[str, IOCache]:
+    """Inputs and outputs of several layers of one model in a single pass per batch (parallel variant).
+
+    The pass stops once the last of ``layers`` has run. Callers size the group so that all caches fit
+    ``max_bytes`` together; each cache gets an equal share of it before spilling to disk.
+    """
+    caches = {name: IOCache(dtype, max_bytes // max(len(layers), 1)) for name in layers}
+    remaining: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if name not in remaining:
+                return
+            caches[name].x.append(args[0])
+            caches[name].y.append(out)
+            remaining.discard(name)
+            if not remaining:
+                raise _StopForward
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            remaining.update(layers)
+            try:
+                call_model(model, batch)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"layers {sorted(remaining)} did not run during the forward pass")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: cache.finalize() for name, cache in caches.items()}

@@ -23,7 +23,7 @@ from ..nn import QModuleMixin
 from ..quant import RangeObserver
 from ..utils.batches import Batch
 from ..utils.seeding import make_generator
-from .cache import IOCache, capture_layer_io
+from .cache import IOCache, capture_layer_io, capture_layers_io
 
 __all__ = ["LayerReport", "optimize_layer", "run_adaquant"]
 
@@ -144,27 +144,59 @@ def _limit_weight_deviation(layer: QModuleMixin, original: torch.Tensor, limit: 
     layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, original + limit * step), original - limit * step))
 
 
+def _parallel_groups(layer_names: Sequence[str], layer_bytes: dict[str, int] | None, budget: int) -> list[list[str]]:
+    """Consecutive layers whose FP caches fit ``budget`` together (one FP pass captures a whole group)."""
+    if layer_bytes is None:
+        return [[name] for name in layer_names]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in layer_names:
+        size = layer_bytes.get(name, budget)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
 def run_adaquant(
     qmodel: nn.Module,
     fp_model: nn.Module,
     layer_names: Sequence[str],
     batches: Sequence[Batch],
     config: AdaQuantConfig,
+    layer_bytes: dict[str, int] | None = None,
 ) -> list[LayerReport]:
-    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets."""
+    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
+
+    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass.
+    """
     reports: list[LayerReport] = []
     dtype = torch.float16 if config.cache_dtype == "float16" else torch.float32
-    bar = tqdm(layer_names, desc=f"AdaQuant ({config.variant})", disable=not config.progress)
-    for index, name in enumerate(bar):
-        layer = qmodel.get_submodule(name)
-        input_model = fp_model if config.variant == "parallel" else qmodel
-        cache = capture_layer_io(input_model, fp_model, name, batches, dtype=dtype,
-                                 max_bytes=config.max_cache_bytes)
-        try:
-            report = optimize_layer(layer, cache, config, make_generator(config.seed, index), name=name)
-        finally:
-            cache.cleanup()
-        reports.append(report)
-        bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
-        _logger.debug("%s", report)
+    index = {name: i for i, name in enumerate(layer_names)}
+    if config.variant == "parallel":
+        groups = _parallel_groups(layer_names, layer_bytes, config.max_cache_bytes)
+    else:
+        groups = [[name] for name in layer_names]
+    bar = tqdm(total=len(layer_names), desc=f"AdaQuant ({config.variant})", disable=not config.progress)
+    for group in groups:
+        if config.variant == "parallel":
+            caches = capture_layers_io(fp_model, group, batches, dtype=dtype, max_bytes=config.max_cache_bytes)
+        for name in group:
+            layer = qmodel.get_submodule(name)
+            if config.variant == "parallel":
+                cache = caches.pop(name)
+            else:
+                cache = capture_layer_io(qmodel, fp_model, name, batches, dtype=dtype,
+                                         max_bytes=config.max_cache_bytes)
+            try:
+                report = optimize_layer(layer, cache, config, make_generator(config.seed, index[name]), name=name)
+            finally:
+                cache.cleanup()
+            reports.append(report)
+            bar.update(1)
+            bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
+            _logger.debug("%s", report)
+    bar.close()
     return reports

@@ -47,7 +47,7 @@ def percentile_range(
 
 @register_range_method("mse")
 def mse_range(
-    x: torch.Tensor, bits: int, symmetric: bool, num_candidates: int = 80, **_: object
+    x: torch.Tensor, bits: int, symmetric: bool, num_candidates: int = 40, **_: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink the min-max range by the ratio in ``[0.2, 1]`` that minimises ``||x - Q(x)||^2``, per row."""
     x = x.float()
