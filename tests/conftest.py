@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
-
 import pytest
 import torch
 from torch import nn
@@ -125,11 +123,6 @@ def calib_batches() -> list[torch.Tensor]:
 def tiny_cnn(calib_batches: list[torch.Tensor]) -> TinyCNN:
     """TinyCNN whose BN statistics match the calibration data (as a trained network's would)."""
     return make_tiny_cnn(0, calib_batches)
-
-
-@pytest.fixture(scope="session")
-def tiny_cnn_factory() -> Callable[..., TinyCNN]:
-    return make_tiny_cnn
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 
 import pytest
 import torch
@@ -66,15 +67,13 @@ def test_optimize_layer_lowers_mse_on_random_layer() -> None:
     assert all(p.grad is None for p in layer.parameters())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("bits", [(4, 4), (3, 4)])
-def test_optimize_layer_default_hyperparameters_lower_mse(bits: tuple[int, int], seed: int) -> None:
-    """With the library's default learning rates (only the iteration count reduced), AdaQuant must lower the
-    MSE of a plain random conv layer, not fall back to the range initialisation."""
-    conv, cache, _ = _random_conv_cache(seed=seed)
+@pytest.mark.parametrize("bits", [(4, 4), (4, 8)])
+def test_optimize_layer_default_hyperparameters_lower_mse(bits: tuple[int, int]) -> None:
+    """With the library's default hyper-parameters AdaQuant must lower the MSE of a plain random conv layer
+    (64 cached samples of 8x12x12), not end worse than the range initialisation and silently fall back to it."""
+    conv, cache, _ = _random_conv_cache(seed=0)
     layer = QConv2d.from_float(conv, *bits)
-    config = AdaQuantConfig(weight_bits=bits[0], activation_bits=bits[1], iterations=50, batch_size=32,
-                            progress=False)
+    config = AdaQuantConfig(weight_bits=bits[0], activation_bits=bits[1], progress=False)
     report = optimize_layer(layer, cache, config, make_generator(0, 0))
     assert report.mse_after < 0.95 * report.mse_before, report
 
@@ -236,12 +235,13 @@ def test_cache_sample_keeps_inputs_and_targets_paired() -> None:
             assert torch.allclose(conv(x), y, atol=1e-5)
 
 
-def test_cache_spilled_to_disk_equals_in_memory() -> None:
+def test_cache_spilled_to_disk_equals_in_memory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """max_cache_bytes bounds memory by spilling to disk; the cached data must be the same.
 
     The inputs (8x32x32) and outputs (16x16x16) of conv2 differ in size, so with a budget between the two the
     input store spills at a different chunk than the target store.
     """
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # spill files go to pytest's tmp dir
     batches = make_batches(4, 16)
     model = make_tiny_cnn(0, batches)
     in_memory = capture_layer_io(model, model, "conv2", batches)

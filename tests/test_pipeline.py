@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import tempfile
 
 import pytest
 import torch
@@ -13,7 +14,6 @@ from conftest import (
     fast_config,
     fit_batchnorm_stats,
     make_batches,
-    make_tiny_cnn,
     randomize_batchnorms,
     state_dict_clone,
 )
@@ -39,7 +39,8 @@ def test_report_and_config_round_trip(quantized_tiny_cnn) -> None:
     report = qmodel.hf_adaquant_report
     assert isinstance(report, QuantizationReport)
     assert list(report.plan) == TINY_CNN_LAYERS
-    assert set(report.stage_seconds) == {"prepare", "adaquant", "bn_tuning", "bias_tuning"}
+    assert {"prepare", "adaquant", "bn_tuning", "bias_tuning"} <= set(report.stage_seconds)
+    assert not {"calibrate_ranges", "bias_correction"} & set(report.stage_seconds)
     assert all(v >= 0 for v in report.stage_seconds.values())
     assert report.bn_tuned_layers == ["conv1", "conv2", "dw", "pw"]
     config = AdaQuantConfig.from_dict(report.config)
@@ -57,8 +58,9 @@ def test_report_and_config_round_trip(quantized_tiny_cnn) -> None:
 def test_light_and_parallel_pipelines_run(tiny_cnn, calib_batches) -> None:
     light = quantize(tiny_cnn, calib_batches, fast_config(pipeline="light"))
     assert light.hf_adaquant_report.layers == [] and light.hf_adaquant_report.bias_tuning_kl is None
-    assert set(light.hf_adaquant_report.stage_seconds) == {"prepare", "calibrate_ranges", "bn_tuning",
-                                                          "bias_correction"}
+    stages = set(light.hf_adaquant_report.stage_seconds)
+    assert {"prepare", "calibrate_ranges", "bn_tuning", "bias_correction"} <= stages
+    assert not {"adaquant", "bias_tuning"} & stages
     par = quantize(tiny_cnn, calib_batches, fast_config(variant="parallel", iterations=10, bias_tuning=False))
     seq = quantize(tiny_cnn, calib_batches, fast_config(variant="sequential", iterations=10, bias_tuning=False))
     # Same first layer (same input either way), different later layers (different inputs).
@@ -243,8 +245,10 @@ def test_failure_midway_leaves_callers_model_untouched(tiny_cnn, calib_batches,
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_cnn.modules())
 
 
-def test_cache_spilling_quantize_matches_in_memory(tiny_cnn, calib_batches) -> None:
+def test_cache_spilling_quantize_matches_in_memory(tiny_cnn, calib_batches, tmp_path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """max_cache_bytes only moves cached activations to disk; the result must not change."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # spill files go to pytest's tmp dir
     config = fast_config(iterations=5, bias_tuning_steps=3, batch_size=8)
     in_memory = quantize(tiny_cnn, calib_batches, config)
     spilled = quantize(tiny_cnn, calib_batches, config.replace(max_cache_bytes=600_000))

@@ -20,7 +20,7 @@ from conftest import (
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hf_adaquant import AdaQuantConfig, prepare_model, quantize
+from hf_adaquant import prepare_model, quantize
 from hf_adaquant.nn import QConv2d, QLinear
 from hf_adaquant.prepare import fold_batchnorms, plan_layer_bits, trace_layers
 
