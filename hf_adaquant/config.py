@@ -74,7 +74,7 @@ class AdaQuantConfig:
     iterations: int = 200
     batch_size: int = 50
     max_step_elements: int = 1 << 22
-    lr_weight: float = 1e-2
+    lr_weight: float = 1e-3
     lr_bias: float = 1e-3
     lr_weight_scale: float = 1e-3
     lr_act_scale: float = 1e-2

@@ -61,9 +61,9 @@ class QuantizationReport:
 def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
     """Copy ``model`` (never mutated), fold its BatchNorms and wrap the planned layers with quantizers."""
     fp_model = copy.deepcopy(model).eval()
+    fold = fold_batchnorms(fp_model)
     for p in fp_model.parameters():
         p.requires_grad_(False)
-    fold = fold_batchnorms(fp_model)
     layers = trace_layers(fp_model, example_batch)
     plan = plan_layer_bits(layers, config.weight_bits, config.activation_bits,
                            first_last_bits=config.first_last_bits, include=config.include,
@@ -138,7 +138,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
                                     progress=config.progress)
         lap("calibrate_ranges")
     if config.bn_tuning:
-        report.bn_tuned_layers = tune_batchnorm(qmodel, batches, progress=config.progress)
+        report.bn_tuned_layers = tune_batchnorm(qmodel, batches, fp_model=fp_model, progress=config.progress)
         lap("bn_tuning")
     if config.pipeline == "light" and config.bias_correction:
         correct_bias(qmodel, fp_model, layer_names, batches, progress=config.progress)

@@ -106,7 +106,7 @@ def test_optimize_layer_restores_initial_state_when_training_diverges() -> None:
 def test_weight_deviation_limit_is_respected() -> None:
     conv, cache, _ = _random_conv_cache(seed=2)
     layer = QConv2d.from_float(conv, 4, 8)
-    config = fast_config(iterations=40, batch_size=32, lr_weight=1e-3, weight_deviation_limit=0.02)
+    config = fast_config(iterations=40, batch_size=32, lr_weight=1e-2, weight_deviation_limit=0.02)
     report = optimize_layer(layer, cache, config, make_generator(0, 0))
     assert report.mse_after < report.mse_before
     step = layer.weight_quantizer.scale.detach()[:, None, None, None]

@@ -48,17 +48,6 @@ class _Store:
         np.save(path, t.numpy())
         self.chunks.append(np.load(path, mmap_mode="r"))
 
-    def merge_in_memory(self) -> None:
-        """Concatenate consecutive in-memory chunks of equal trailing shape (bigger mini-batches)."""
-        merged: list[torch.Tensor | np.ndarray] = []
-        for c in self.chunks:
-            prev = merged[-1] if merged else None
-            if isinstance(c, torch.Tensor) and isinstance(prev, torch.Tensor) and prev.shape[1:] == c.shape[1:]:
-                merged[-1] = torch.cat([prev, c])
-            else:
-                merged.append(c)
-        self.chunks = merged
-
     @staticmethod
     def take(chunk: torch.Tensor | np.ndarray, idx: torch.Tensor) -> torch.Tensor:
         if isinstance(chunk, torch.Tensor):
@@ -82,11 +71,24 @@ class IOCache:
         self.y = _Store(dtype, max_bytes // 2)
 
     def finalize(self) -> "IOCache":
-        self.x.merge_in_memory()
-        self.y.merge_in_memory()
+        """Check that inputs and targets pair up, then merge consecutive in-memory batches of equal shapes.
+
+        The two streams may spill to disk at different batches, so merging is decided for (x, y) pairs together.
+        """
         if [len(c) for c in self.x.chunks] != [len(c) for c in self.y.chunks]:
             raise RuntimeError("cached inputs and targets do not pair up (model forward is not deterministic?)")
-        self.sizes = torch.tensor([len(c) for c in self.x.chunks], dtype=torch.float64)
+        xs: list = []
+        ys: list = []
+        for cx, cy in zip(self.x.chunks, self.y.chunks):
+            px, py = (xs[-1], ys[-1]) if xs else (None, None)
+            if (all(isinstance(t, torch.Tensor) for t in (cx, cy, px, py))
+                    and px.shape[1:] == cx.shape[1:] and py.shape[1:] == cy.shape[1:]):
+                xs[-1], ys[-1] = torch.cat([px, cx]), torch.cat([py, cy])
+            else:
+                xs.append(cx)
+                ys.append(cy)
+        self.x.chunks, self.y.chunks = xs, ys
+        self.sizes = torch.tensor([len(c) for c in xs], dtype=torch.float64)
         return self
 
     @property
@@ -162,12 +164,16 @@ def capture_layer_io(
     taken from the quantized model (sequential variant) for every calibration sample.
     """
     cache = IOCache(dtype, max_bytes)
-    if input_model is target_model:
-        _capture(target_model, layer, batches, cache.x.append, cache.y.append)
-    else:
-        _capture(input_model, layer, batches, cache.x.append, None)
-        _capture(target_model, layer, batches, None, cache.y.append)
-    return cache.finalize()
+    try:
+        if input_model is target_model:
+            _capture(target_model, layer, batches, cache.x.append, cache.y.append)
+        else:
+            _capture(input_model, layer, batches, cache.x.append, None)
+            _capture(target_model, layer, batches, None, cache.y.append)
+        return cache.finalize()
+    except BaseException:
+        cache.cleanup()
+        raise
 
 
 @torch.no_grad()
@@ -209,8 +215,12 @@ def capture_layers_io(
             except _StopForward:
                 continue
             raise RuntimeError(f"layers {sorted(remaining)} did not run during the forward pass")
+        return {name: cache.finalize() for name, cache in caches.items()}
+    except BaseException:
+        for cache in caches.values():
+            cache.cleanup()
+        raise
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: cache.finalize() for name, cache in caches.items()}

@@ -100,38 +100,47 @@ def optimize_layer(
 ) -> LayerReport:
     """Initialise ``layer``'s ranges from ``cache``, then run AdaQuant on it in place.
 
-    The result is never worse than the range initialisation on the evaluated samples: if optimisation raises
-    the MSE (it can overfit a tiny cache), the initial state is restored.
+    The learning rates follow a cosine decay and the best state among a few checkpoints (the range
+    initialisation included) is kept, so the result is never worse than the initialisation on the evaluated
+    samples.
     """
     start = time.perf_counter()
     init_weight_range(layer, config.weight_range_method)
     init_input_range(layer, cache, config.activation_range_method, seed=config.seed)
     mse_before = _evaluate(layer, cache, config.batch_size)
-    initial = copy.deepcopy(layer.state_dict())
+    best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
     groups = _param_groups(layer, config)
     # Same work per step for every layer: early layers with big feature maps take fewer samples per step.
     per_sample = max(1, cache.y.chunks[0][0].numel() if len(cache.y.chunks) else 1)
     step_batch = max(1, min(config.batch_size, config.max_step_elements // per_sample))
+    # The layer loss can turn back up after a few dozen steps (W' starts to overfit the cache): decay the
+    # learning rates and keep the best state seen at a few checkpoints.
+    checkpoint_every = max(1, config.iterations // 5)
     if config.iterations > 0 and groups:
         optimizer = torch.optim.Adam(groups)
-        layer.train()
-        for _ in range(config.iterations):
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations)
+        for step in range(1, config.iterations + 1):
+            layer.train()
             x, y = cache.sample(step_batch, generator)
             x, y = x.to(layer.weight.device), y.to(layer.weight.device)
             loss = _layer_loss(layer, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             if config.weight_deviation_limit is not None:
                 _limit_weight_deviation(layer, original_weight, config.weight_deviation_limit)
-        layer.eval()
+            if step % checkpoint_every == 0 or step == config.iterations:
+                layer.eval()
+                mse = _evaluate(layer, cache, config.batch_size)
+                if mse < best_mse:  # NaN never wins
+                    best_mse, best_state = mse, copy.deepcopy(layer.state_dict())
+    layer.eval()
     for p in layer.parameters():
         p.grad = None
-    mse_after = _evaluate(layer, cache, config.batch_size)
-    if not mse_after <= mse_before:  # also catches NaN
-        layer.load_state_dict(initial)
-        mse_after = mse_before
+    layer.load_state_dict(best_state)
+    mse_after = best_mse
     abits = None if layer.input_quantizer is None else layer.input_quantizer.bits
     return LayerReport(name, layer.weight_quantizer.bits, abits, mse_before, mse_after,
                        time.perf_counter() - start, cache.num_samples)

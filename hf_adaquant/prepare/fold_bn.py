@@ -33,9 +33,12 @@ class FoldResult:
     traced: bool = True
 
 
+_EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (_BatchNorm, nn.Conv2d, nn.Linear, nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+        if isinstance(m, (_BatchNorm, nn.Conv2d, nn.Linear, nn.ReLU, nn.ReLU6, nn.Hardtanh) + _EVAL_IDENTITIES):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -78,7 +81,7 @@ def _fold_into_conv(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torc
     conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
     new_bias = (bias - bn.running_mean) * factor + beta
     if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
+        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(new_bias)
     return gamma.detach().abs().clone(), beta.detach().clone()
@@ -124,6 +127,10 @@ def _pairs_from_graph(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str
                     continue
                 out = users[0]
                 users = list(out.users)
+        # Modules that are identities in eval mode (timm's drop_block, dropout) may sit before the activation.
+        while (len(users) == 1 and users[0].op == "call_module"
+               and isinstance(modules[str(users[0].target)], _EVAL_IDENTITIES)):
+            users = list(users[0].users)
         if len(users) == 1:
             act = _activation_of_node(users[0], modules)
             if act:
@@ -132,7 +139,8 @@ def _pairs_from_graph(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str
 
 
 def _pairs_from_order(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    named = [(n, m) for n, m in model.named_modules() if not list(m.children()) or isinstance(m, _BatchNorm)]
+    named = [(n, m) for n, m in model.named_modules()
+             if (not list(m.children()) or isinstance(m, _BatchNorm)) and not isinstance(m, _EVAL_IDENTITIES)]
     pairs: list[tuple[str, str]] = []
     activations: dict[str, str] = {}
     for i, (name, m) in enumerate(named[:-1]):

@@ -1,7 +1,9 @@
 """BN tuning (BNT): re-estimate BatchNorm statistics of the quantized model, then fold again.
 
 After each quantized conv that had a BatchNorm folded into it, a BatchNorm is re-inserted whose affine
-parameters are the folded BN's ``(|gamma|, beta)``: the statistics the FP layer output had. One pass in train
+parameters are the per-channel std and mean of the FP layer's output *measured on the calibration data* (the
+folded BN's stored ``(|gamma|, beta)`` can be off by tens of percent on real data, which would pull the model away
+from FP; they are only the fallback when no FP model is given). One pass in train
 mode with ``momentum=None`` (a cumulative average over all calibration batches, unlike the reference's single
 momentum-0.1 update) re-estimates the mean and variance of the *quantized* output. Folding rescales the weight
 steps, so the integer weight codes stay exactly the same.
@@ -19,11 +21,40 @@ from ..calibrate import qmodules
 from ..nn import QConv2d
 from ..utils.batches import Batch, call_model
 
-__all__ = ["tune_batchnorm"]
+__all__ = ["measure_output_stats", "tune_batchnorm"]
 
 
-def _insert_bn(layer: QConv2d) -> None:
-    std, mean = layer.bn_target
+@torch.no_grad()
+def measure_output_stats(
+    fp_model: nn.Module, names: list[str], batches: Sequence[Batch]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel ``(std, mean)`` of each named conv's output in ``fp_model`` over ``batches`` (one pass)."""
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            flat = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+            acc = sums.setdefault(name, [torch.zeros(out.shape[1], dtype=torch.float64)] * 2 + [0])
+            sums[name] = [acc[0] + flat.sum(1).cpu(), acc[1] + flat.pow(2).sum(1).cpu(), acc[2] + flat.shape[1]]
+        return hook
+
+    handles = [fp_model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        for batch in batches:
+            call_model(fp_model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for name, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        std = (s2 / n - mean.pow(2)).clamp(min=0).sqrt()
+        stats[name] = (std.float(), mean.float())
+    return stats
+
+
+def _insert_bn(layer: QConv2d, target: tuple[torch.Tensor, torch.Tensor]) -> None:
+    std, mean = target
     bn = nn.BatchNorm2d(layer.out_channels, momentum=None).to(layer.weight.device)
     with torch.no_grad():
         bn.weight.copy_(std)
@@ -45,15 +76,24 @@ def _fold_bn(layer: QConv2d) -> None:
 
 
 @torch.no_grad()
-def tune_batchnorm(model: nn.Module, batches: Sequence[Batch], *, progress: bool = False) -> list[str]:
-    """Re-estimate and re-fold BN statistics of every quantized conv that had a folded BN. Returns their names."""
+def tune_batchnorm(
+    model: nn.Module, batches: Sequence[Batch], *, fp_model: nn.Module | None = None, progress: bool = False
+) -> list[str]:
+    """Re-estimate and re-fold BN statistics of every quantized conv that had a folded BN. Returns their names.
+
+    With ``fp_model`` (same layer names, float) the targets are the FP output statistics on ``batches``;
+    without it, the folded BN's ``(|gamma|, beta)``.
+    """
     layers = {n: m for n, m in qmodules(model).items() if isinstance(m, QConv2d) and m.bn_target is not None}
     if not layers:
         return []
+    fp_model = fp_model.eval() if fp_model is not None else None
+    targets = (measure_output_stats(fp_model, list(layers), batches) if fp_model is not None
+               else {n: m.bn_target for n, m in layers.items()})
     was_training = model.training
     model.eval()
-    for layer in layers.values():
-        _insert_bn(layer)
+    for name, layer in layers.items():
+        _insert_bn(layer, targets[name])
         layer.bn.train()  # only the re-inserted BNs use batch statistics; dropout etc. stay in eval
     try:
         for batch in tqdm(batches, desc="BN tuning", disable=not progress, leave=False):
