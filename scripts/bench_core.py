@@ -130,7 +130,9 @@ def main() -> None:
         return
     runs = ([("fp32", "FP32")] if args.model != "resnet50_rss" and not args.tag else [])
     runs += [(m, s) for s in args.settings for m in args.methods]
-    rows = []
+    # Merge into earlier results so that settings can be (re)run one group at a time.
+    previous = RESULTS / f"core_{args.model}{args.tag}.json"
+    rows = json.loads(previous.read_text()) if previous.exists() else []
     for method, setting in runs:
         cmd = [sys.executable, __file__, "--single", "--model", args.model, "--method", method, "--setting",
                setting, "--calib", str(args.calib), "--threads", str(args.threads), "--seed", str(args.seed),
@@ -142,7 +144,7 @@ def main() -> None:
             raise SystemExit(f"{method} {setting} failed")
         row = json.loads(line[len("RESULT "):])
         row["load_average_1min"] = os.getloadavg()[0]  # timings are only comparable on an idle machine
-        rows.append(row)
+        rows = [r for r in rows if (r["method"], r["setting"]) != (method, setting)] + [row]
         print(f"{args.model:18s} {method:9s} {setting:5s} top1={row.get('top1', float('nan')):.2f} "
               f"t={row['seconds']:.1f}s rss={row['peak_rss_mib']:.0f}MiB", flush=True)
         write_tables(args.model + args.tag, rows)
