@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quant.quantizer import MAX_BITS, MIN_BITS
 from .quant.ranges import RANGE_METHODS
@@ -25,7 +28,7 @@ def _check_bits(name: str, value: int | None, allow_none: bool = False) -> None:
 
 
 @dataclass
-class AdaQuantConfig:
+class AdaQuantConfig(QuantizationConfigMixin):
     """Configuration of :func:`hf_adaquant.quantize`.
 
     Bits and policy:
@@ -45,6 +48,9 @@ class AdaQuantConfig:
         lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the layer's quantization step*
         (scale-free across layers); lr_bias and lr_zero_point are absolute (bias units, integer grid units).
         weight_deviation_limit: bound on ``|W' - W|`` in weight steps (None: unconstrained, as in the paper).
+        weight_rounding: "free" (the paper's continuous W') or "learned" (W' restricted to rounding each weight
+        up or down, AdaRound-style; far fewer effective degrees of freedom, for 2-3 bit weights), with
+        rounding_regularization (weight of the push-to-0/1 term) and lr_rounding (Adam lr of the rounding logits).
         bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
 
     Bit allocation (integer programming; active when a budget is set):
@@ -57,6 +63,15 @@ class AdaQuantConfig:
         max_calibration_samples: use at most this many calibration samples. cache_dtype: "float16" or "float32"
         storage of cached activations. max_cache_bytes: cached activations above this spill to disk.
         seed: fixes every random choice. progress: tqdm bars.
+
+    transformers integration (``AdaQuantConfig`` is a ``QuantizationConfigMixin``, registered as "adaquant"):
+        quant_method: always "adaquant". checkpoint_layout: set on saved checkpoints (per-layer bits and types,
+        folded BatchNorms, output activations, layout version); None on a config for a new run.
+        Quantize on load (``AutoModelForX.from_pretrained(fp_dir, quantization_config=AdaQuantConfig(...))``):
+        dataset (a ``datasets`` Hub name, a local json file / saved dataset dir, a ``datasets.Dataset`` or a list
+        of strings / input dicts), tokenizer (object or name; text is tokenised with it), num_samples, max_length,
+        dataset_config_name, dataset_split, text_column (None: "text", or "question" + "context", or the first
+        string column), calibration_batch_size. In-memory data and tokenizer objects are not serialised.
     """
 
     weight_bits: int = 4
@@ -80,6 +95,9 @@ class AdaQuantConfig:
     lr_act_scale: float = 1e-2
     lr_zero_point: float = 1e-2
     weight_deviation_limit: float | None = None
+    weight_rounding: str = "free"
+    rounding_regularization: float = 0.01
+    lr_rounding: float = 1e-1
     bn_tuning: bool = True
     bias_correction: bool = True
     bias_tuning: bool = True
@@ -100,6 +118,16 @@ class AdaQuantConfig:
     seed: int = 0
     progress: bool = True
     version: int = CONFIG_VERSION
+    quant_method: str = "adaquant"
+    checkpoint_layout: dict[str, Any] | None = None
+    dataset: Any = None
+    tokenizer: Any = None
+    num_samples: int = 128
+    max_length: int = 128
+    dataset_config_name: str | None = None
+    dataset_split: str = "train"
+    text_column: str | None = None
+    calibration_batch_size: int = 8
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +159,10 @@ class AdaQuantConfig:
         for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.weight_rounding not in ("free", "learned"):
+            raise ValueError(f"weight_rounding must be 'free' or 'learned', got {self.weight_rounding!r}")
+        if not self.rounding_regularization >= 0 or not self.lr_rounding >= 0:
+            raise ValueError("rounding_regularization and lr_rounding must be >= 0")
         if self.weight_deviation_limit is not None and not self.weight_deviation_limit > 0:
             raise ValueError(f"weight_deviation_limit must be > 0 or None, got {self.weight_deviation_limit!r}")
         for name in ("candidate_weight_bits", "candidate_activation_bits"):
@@ -159,6 +191,14 @@ class AdaQuantConfig:
             raise ValueError("max_calibration_samples must be >= 1 or None")
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this hf_adaquant ({CONFIG_VERSION})")
+        if self.quant_method != "adaquant":
+            raise ValueError(f"quant_method must be 'adaquant', got {self.quant_method!r}")
+        if self.checkpoint_layout is not None and not isinstance(self.checkpoint_layout, dict):
+            raise ValueError(f"checkpoint_layout must be a dict or None, got {type(self.checkpoint_layout)!r}")
+        for name in ("num_samples", "max_length", "calibration_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     @property
     def has_budget(self) -> bool:
@@ -168,13 +208,20 @@ class AdaQuantConfig:
         return tuple(self.layer_bits.get(name, (self.weight_bits, self.activation_bits)))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """JSON-serialisable fields (in-memory calibration data is dropped, a tokenizer object becomes its name)."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("dataset", "tokenizer")}
+        data["dataset"] = self.dataset if isinstance(self.dataset, str) else None
+        data["tokenizer"] = (self.tokenizer if isinstance(self.tokenizer, str) or self.tokenizer is None
+                             else getattr(self.tokenizer, "name_or_path", None) or None)
         data["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
         data["pinned_layers"] = {k: list(v) for k, v in self.pinned_layers.items()}
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdaQuantConfig":
+    def from_dict(cls, data: dict[str, Any], return_unused_kwargs: bool = False,
+                  **kwargs: Any) -> "AdaQuantConfig" | tuple["AdaQuantConfig", dict[str, Any]]:
+        """Inverse of :meth:`to_dict`; ``kwargs`` naming fields override (transformers' calling convention)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -182,7 +229,11 @@ class AdaQuantConfig:
         data = dict(data)
         data["layer_bits"] = {k: tuple(v) for k, v in (data.get("layer_bits") or {}).items()}
         data["pinned_layers"] = {k: tuple(v) for k, v in (data.get("pinned_layers") or {}).items()}
-        return cls(**data)
+        data.update({k: v for k, v in kwargs.items() if k in known})
+        config = cls(**data)
+        if return_unused_kwargs:
+            return config, {k: v for k, v in kwargs.items() if k not in known}
+        return config
 
     def replace(self, **changes: Any) -> "AdaQuantConfig":
         """A validated copy with some fields changed."""

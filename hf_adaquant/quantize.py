@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -19,6 +20,7 @@ from torch import nn
 from .adaquant import LayerReport, run_adaquant
 from .calibrate import calibrate_activation_ranges, init_weight_range
 from .config import AdaQuantConfig
+from .distributed import is_main_process
 from .nn import quantize_module
 from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
 from .prepare.fold_bn import FoldResult
@@ -53,6 +55,7 @@ class QuantizationReport:
     bias_tuning_kl: tuple[float, float] | None = None
     bn_tuned_layers: list[str] = field(default_factory=list)
     allocation: dict | None = None  # Allocation.to_dict() when the bits came from a size/BOPs budget
+    folded_batchnorms: dict[str, str] = field(default_factory=dict)  # BN name -> conv (to rebuild checkpoints)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,13 +83,17 @@ def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig
     return PreparedModel(fp_model, qmodel, layers, plan, fold)
 
 
-def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQuantConfig | None = None) -> nn.Module:
+def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQuantConfig | None = None, *,
+             work_dir: str | os.PathLike | None = None) -> nn.Module:
     """Quantize a copy of ``model`` with AdaQuant on unlabeled ``calibration_data``.
 
     Args:
         model: any ``nn.Module`` with Conv2d/Linear layers (timm, transformers, torchvision, plain PyTorch).
         calibration_data: iterable of input batches: tensors, tuples, or dicts of tensors for transformers.
         config: bits, pipeline and hyper-parameters; defaults to ``AdaQuantConfig()`` (W4A8, advanced).
+        work_dir: directory where finished AdaQuant layers are checkpointed; a re-run with the same config,
+            model and data resumes there (a different run is refused). Under ``torchrun``/``accelerate launch``
+            every rank calls ``quantize`` and gets the same model (see :mod:`hf_adaquant.distributed`).
 
     Returns:
         A new model with the same call signature whose Conv2d/Linear layers are fake-quantized modules. The run's
@@ -98,6 +105,8 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     """
     config = config or AdaQuantConfig()
     config.validate()
+    if config.progress and not is_main_process():  # one set of progress bars per distributed launch
+        config = config.replace(progress=False)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -121,14 +130,17 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     layer_names = list(prepared.plan)
     lap("prepare")
     report = QuantizationReport(config=config.to_dict(), plan={k: list(v) for k, v in prepared.plan.items()},
-                                allocation=None if allocation is None else allocation.to_dict())
+                                allocation=None if allocation is None else allocation.to_dict(),
+                                folded_batchnorms=dict(prepared.fold.folded))
 
     if config.pipeline == "advanced":
         num_samples = sum(batch_size(b) for b in batches)
         element_size = 2 if config.cache_dtype == "float16" else 4
         layer_bytes = {l.name: num_samples * element_size * (math.prod(l.input_shape) + math.prod(l.output_shape))
                        for l in prepared.layers}
-        reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config, layer_bytes)
+        reports: list[LayerReport] = run_adaquant(qmodel, fp_model, layer_names, batches, config, layer_bytes,
+                                                   layer_info={l.name: l for l in prepared.layers},
+                                                   work_dir=work_dir)
         report.layers = [r.to_dict() for r in reports]
         lap("adaquant")
     else:

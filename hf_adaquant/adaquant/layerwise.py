@@ -9,27 +9,35 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import zlib
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibrate import init_weight_range
 from ..config import AdaQuantConfig
 from ..nn import QModuleMixin
 from ..quant import RangeObserver
 from ..utils.batches import Batch
-from ..utils.seeding import make_generator
-from .cache import IOCache, capture_layer_io, capture_layers_io
+from .cache import IOCache
+from .rounding import LearnedRounding, annealed_beta
 
-__all__ = ["LayerReport", "optimize_layer", "run_adaquant"]
+if TYPE_CHECKING:
+    from ..distributed import DataParallelSync
+
+__all__ = ["LayerReport", "layer_seed_salt", "optimize_layer", "run_adaquant"]
 
 _logger = logging.getLogger(__name__)
 _EVAL_SAMPLES = 512  # MSE before/after is measured on at most this many cached samples...
 _EVAL_ELEMENTS = 1 << 24  # ...and at most this many output values (big early feature maps)
+
+
+def layer_seed_salt(name: str) -> int:
+    """Salt of a layer's random stream: from its name, so a result never depends on which rank ran it or when."""
+    return zlib.crc32(name.encode())
 
 
 @dataclass
@@ -54,40 +62,62 @@ def _layer_loss(layer: QModuleMixin, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int) -> float:
+def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int, sync: DataParallelSync | None = None) -> float:
     total, count = 0.0, 0
     device = layer.weight.device
     per_sample = cache.output_size_per_sample()
     limit = max(1, min(_EVAL_SAMPLES, _EVAL_ELEMENTS // per_sample))
-    for x, y in cache.iterate(batch_size, limit=limit):
-        x, y = x.to(device), y.to(device)
-        total += _layer_loss(layer, x, y).item() * len(x)
-        count += len(x)
+    if sync is None:
+        for x, y in cache.iterate(batch_size, limit=limit):
+            x, y = x.to(device), y.to(device)
+            total += _layer_loss(layer, x, y).item() * len(x)
+            count += len(x)
+        return total / max(count, 1)
+    error = None
+    try:  # each rank evaluates its share; the error flag travels with the sums
+        for x, y in cache.iterate(batch_size, limit=sync.local_count(limit)):
+            x, y = x.to(device), y.to(device)
+            total += _layer_loss(layer, x, y).item() * len(x)
+            count += len(x)
+    except Exception as e:
+        error = e
+    total, count = sync.sum([total, count], error, "evaluating the layer")
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int) -> None:
-    """Input quantizer range from the cached layer inputs."""
+def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int,
+                     sync: DataParallelSync | None = None) -> None:
+    """Input quantizer range from the cached layer inputs (of all ranks' shards with ``sync``)."""
     q = layer.input_quantizer
     if q is None:
         return
     observer = RangeObserver(seed=seed)
-    for x, _ in cache.iterate(256):
-        observer.update(x)
+    error = None
+    try:
+        for x, _ in cache.iterate(256):
+            observer.update(x)
+    except Exception as e:
+        if sync is None:
+            raise
+        error = e
+    if sync is not None:
+        sync.context.sync_failure(error, "observing the layer inputs")
+        sync.merge_observer(observer)
     q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
 
 
-def _param_groups(layer: QModuleMixin, config: AdaQuantConfig) -> list[dict]:
+def _param_groups(layer: QModuleMixin, config: AdaQuantConfig, rounding: LearnedRounding | None) -> list[dict]:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
     w_step = wq.scale.detach().mean().item()
-    groups = [
-        {"params": [layer.weight], "lr": config.lr_weight * w_step},
-        {"params": [layer.bias], "lr": config.lr_bias},
-        {"params": [wq.scale], "lr": config.lr_weight_scale * w_step},
-    ]
-    if not wq.symmetric:
-        groups.append({"params": [wq.zero_point], "lr": config.lr_zero_point})
+    groups = [{"params": [layer.bias], "lr": config.lr_bias}]
+    if rounding is not None:  # the grid is frozen: only the up/down choices of the weights are learned
+        groups.append({"params": [rounding.alpha], "lr": config.lr_rounding})
+    else:
+        groups += [{"params": [layer.weight], "lr": config.lr_weight * w_step},
+                   {"params": [wq.scale], "lr": config.lr_weight_scale * w_step}]
+        if not wq.symmetric:
+            groups.append({"params": [wq.zero_point], "lr": config.lr_zero_point})
     if iq is not None:
         groups.append({"params": [iq.scale], "lr": config.lr_act_scale * iq.scale.detach().mean().item()})
         if not iq.symmetric:
@@ -96,24 +126,46 @@ def _param_groups(layer: QModuleMixin, config: AdaQuantConfig) -> list[dict]:
 
 
 def optimize_layer(
-    layer: QModuleMixin, cache: IOCache, config: AdaQuantConfig, generator: torch.Generator, name: str = ""
+    layer: QModuleMixin,
+    cache: IOCache,
+    config: AdaQuantConfig,
+    generator: torch.Generator,
+    name: str = "",
+    *,
+    sync: DataParallelSync | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> LayerReport:
     """Initialise ``layer``'s ranges from ``cache``, then run AdaQuant on it in place.
 
     The learning rates follow a cosine decay and the best state among a few checkpoints (the range
     initialisation included) is kept, so the result is never worse than the initialisation on the evaluated
     samples.
+
+    Args:
+        sync: data-parallel mode (sequential variant under a distributed launch): ``cache`` holds this rank's
+            shard of the samples; range statistics, evaluations and gradients are combined over ranks, and every
+            rank must call this for the same layer.
+        on_step: called before every step (the distributed runner stops there when another rank failed).
     """
     start = time.perf_counter()
     init_weight_range(layer, config.weight_range_method)
-    init_input_range(layer, cache, config.activation_range_method, seed=config.seed)
-    mse_before = _evaluate(layer, cache, config.batch_size)
+    init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync)
+    mse_before = _evaluate(layer, cache, config.batch_size, sync)
     best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
-    groups = _param_groups(layer, config)
+    rounding = None
+    if config.weight_rounding == "learned" and config.iterations > 0:
+        rounding = LearnedRounding(layer.weight, layer.weight_quantizer)
+        layer.weight_rounding = rounding
+    groups = _param_groups(layer, config, rounding)
+    params = [p for g in groups for p in g["params"]]
     # Same work per step for every layer: early layers with big feature maps take fewer samples per step.
     per_sample = cache.output_size_per_sample()
+    if sync is not None:  # shards may hold different shapes (sequence lengths): agree on the largest
+        per_sample = max(sync.context.all_gather_object(per_sample))
     step_batch = max(1, min(config.batch_size, config.max_step_elements // per_sample))
+    if sync is not None:  # each rank draws its share of the step's samples
+        step_batch = sync.local_count(step_batch)
     # The layer loss can turn back up after a few dozen steps (W' starts to overfit the cache): decay the
     # learning rates and keep the best state seen at a few checkpoints.
     checkpoint_every = max(1, config.iterations // 5)
@@ -121,29 +173,54 @@ def optimize_layer(
         optimizer = torch.optim.Adam(groups)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations)
         for step in range(1, config.iterations + 1):
+            if on_step is not None:
+                on_step()
             layer.train()
             x, y = cache.sample(step_batch, generator)
             x, y = x.to(layer.weight.device), y.to(layer.weight.device)
             loss = _layer_loss(layer, x, y)
+            beta = None if rounding is None else annealed_beta(step, config.iterations)
+            if beta is not None:
+                # Relative MSE keeps the regulariser weight meaningful across layers of any output scale.
+                loss = loss / max(mse_before, 1e-12) + config.rounding_regularization * rounding.regularizer(beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sync is not None:
+                sync.average_gradients(params, len(x), f"optimising layer {name!r}")
             optimizer.step()
             schedule.step()
             if config.weight_deviation_limit is not None:
                 _limit_weight_deviation(layer, original_weight, config.weight_deviation_limit)
             if step % checkpoint_every == 0 or step == config.iterations:
                 layer.eval()
-                mse = _evaluate(layer, cache, config.batch_size)
+                if rounding is not None:
+                    rounding.hard = True  # candidates are judged as they will be used: hard-rounded
+                mse = _evaluate(layer, cache, config.batch_size, sync)
                 if mse < best_mse:  # NaN never wins
-                    best_mse, best_state = mse, copy.deepcopy(layer.state_dict())
+                    if rounding is not None:
+                        with torch.no_grad():
+                            layer.weight.copy_(rounding.hard_weight())
+                    best_mse, best_state = mse, _state_without_rounding(layer)
+                if rounding is not None:
+                    rounding.hard = False
     layer.eval()
+    if rounding is not None:
+        del layer.weight_rounding
     for p in layer.parameters():
         p.grad = None
     layer.load_state_dict(best_state)
     mse_after = best_mse
+    num_samples = cache.num_samples
+    if sync is not None:
+        sync.broadcast_module(layer)
+        num_samples = int(sync.sum([num_samples])[0])
     abits = None if layer.input_quantizer is None else layer.input_quantizer.bits
     return LayerReport(name, layer.weight_quantizer.bits, abits, mse_before, mse_after,
-                       time.perf_counter() - start, cache.num_samples)
+                       time.perf_counter() - start, num_samples)
+
+
+def _state_without_rounding(layer: QModuleMixin) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items() if not k.startswith("weight_rounding.")}
 
 
 @torch.no_grad()
@@ -176,36 +253,19 @@ def run_adaquant(
     batches: Sequence[Batch],
     config: AdaQuantConfig,
     layer_bytes: dict[str, int] | None = None,
+    *,
+    layer_info: dict | None = None,
+    work_dir: str | None = None,
+    context=None,
 ) -> list[LayerReport]:
     """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
 
-    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass.
+    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass;
+    ``layer_info`` (:class:`~hf_adaquant.prepare.LayerInfo` by name) balances layers over ranks by cost.
+    Under ``torchrun`` / ``accelerate launch`` the work is split over the ranks; with ``work_dir`` finished
+    layers are checkpointed and a re-run resumes (see :mod:`hf_adaquant.adaquant.runner`).
     """
-    reports: list[LayerReport] = []
-    dtype = torch.float16 if config.cache_dtype == "float16" else torch.float32
-    index = {name: i for i, name in enumerate(layer_names)}
-    if config.variant == "parallel":
-        groups = _parallel_groups(layer_names, layer_bytes, config.max_cache_bytes)
-    else:
-        groups = [[name] for name in layer_names]
-    bar = tqdm(total=len(layer_names), desc=f"AdaQuant ({config.variant})", disable=not config.progress)
-    for group in groups:
-        if config.variant == "parallel":
-            caches = capture_layers_io(fp_model, group, batches, dtype=dtype, max_bytes=config.max_cache_bytes)
-        for name in group:
-            layer = qmodel.get_submodule(name)
-            if config.variant == "parallel":
-                cache = caches.pop(name)
-            else:
-                cache = capture_layer_io(qmodel, fp_model, name, batches, dtype=dtype,
-                                         max_bytes=config.max_cache_bytes)
-            try:
-                report = optimize_layer(layer, cache, config, make_generator(config.seed, index[name]), name=name)
-            finally:
-                cache.cleanup()
-            reports.append(report)
-            bar.update(1)
-            bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
-            _logger.debug("%s", report)
-    bar.close()
-    return reports
+    from .runner import run_layers  # the runner calls back into this module's optimize_layer
+
+    return run_layers(qmodel, fp_model, layer_names, batches, config, layer_bytes, layer_info=layer_info,
+                      work_dir=work_dir, context=context)

@@ -80,6 +80,10 @@ class QModuleMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
+        # While AdaQuant learns the rounding (adaquant/rounding.py) the weight comes from the rounding module.
+        rounding = getattr(self, "weight_rounding", None)
+        if rounding is not None and self.weight_quantizer.enabled:
+            return rounding()
         return self.weight_quantizer(self.weight)
 
     def apply_output_activation(self, y: torch.Tensor) -> torch.Tensor:

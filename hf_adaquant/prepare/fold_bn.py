@@ -29,6 +29,7 @@ class FoldResult:
     """What folding did: BN targets ``(|gamma|, beta)`` per conv name, following activation per layer name."""
 
     bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)  # BN name -> conv it was folded into (checkpoints)
     output_activations: dict[str, str] = field(default_factory=dict)
     traced: bool = True
 
@@ -177,6 +178,7 @@ def fold_batchnorms(model: nn.Module) -> FoldResult:
     modules = dict(model.named_modules())
     for conv_name, bn_name in pairs:
         result.bn_targets[conv_name] = _fold_into_conv(modules[conv_name], modules[bn_name])
+        result.folded[bn_name] = conv_name
         _set_submodule(model, bn_name, _replacement_for(modules[bn_name]))
     unfolded = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if unfolded:

@@ -1,0 +1,235 @@
+"""The per-layer phase over a whole model: one process, or several ranks, resumable from a work dir.
+
+* parallel variant: layers are independent jobs. Under a distributed launch each rank takes a cost-balanced
+  share, optimises it on its own device and the results are gathered, so every rank assembles the same model.
+  Each layer's random stream comes from ``(seed, layer name)``: the result is bitwise the one of one process.
+* sequential variant: layers must run in order (each sees the quantized prefix), so the ranks work together on
+  every layer, data-parallel over the calibration samples (:mod:`hf_adaquant.distributed.data_parallel`).
+
+With a work dir, every finished layer is checkpointed atomically and a re-run skips it
+(:mod:`hf_adaquant.distributed.workdir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import AdaQuantConfig
+from ..distributed import (DataParallelSync, DistributedContext, DistributedRunError, WorkDir, assign_layers,
+                           estimate_layer_cost, get_context, run_fingerprint, shard_batches)
+from ..distributed.workdir import layer_state, load_layer_state
+from ..prepare import LayerInfo
+from ..utils.batches import Batch, batch_size
+from ..utils.seeding import make_generator
+from . import layerwise
+from .cache import capture_layer_io, capture_layers_io
+from .layerwise import LayerReport, layer_seed_salt
+
+__all__ = ["run_layers"]
+
+_logger = logging.getLogger(__name__)
+# Test hooks: raise in the job of this layer ("*": any) on this rank (one failing rank must stop all of them).
+_FAIL_LAYER_ENV, _FAIL_RANK_ENV = "HF_ADAQUANT_TEST_FAIL_LAYER", "HF_ADAQUANT_TEST_FAIL_RANK"
+
+
+def _maybe_inject_failure(name: str, rank: int) -> None:
+    if os.environ.get(_FAIL_LAYER_ENV) in (name, "*") and int(os.environ.get(_FAIL_RANK_ENV, "0")) == rank:
+        raise RuntimeError(f"injected failure (test hook {_FAIL_LAYER_ENV}) on layer {name!r}")
+
+
+def _cache_dtype(config: AdaQuantConfig) -> torch.dtype:
+    return torch.float16 if config.cache_dtype == "float16" else torch.float32
+
+
+def _resume(ctx: DistributedContext, work_dir: str | os.PathLike | None, qmodel: nn.Module, fp_model: nn.Module,
+            layer_names: Sequence[str], batches: Sequence[Batch],
+            config: AdaQuantConfig) -> tuple[WorkDir | None, dict[str, LayerReport]]:
+    """Open (or create) the work dir on rank 0 and load its finished layers into ``qmodel`` on every rank."""
+    if work_dir is None:
+        return None, {}
+    store = WorkDir(work_dir)
+    error, finished = None, None
+    if ctx.is_main:
+        try:
+            processes = ctx.world_size if config.variant == "sequential" else None
+            store.prepare(run_fingerprint(config, qmodel, fp_model, layer_names, batches, processes))
+            finished = store.finished(layer_names)
+        except Exception as e:  # every rank raises it, none waits for rank 0
+            error = e
+    ctx.sync_failure(error, "checking the work dir")
+    finished = ctx.broadcast_object(finished)
+    done = {name: LayerReport(**store.load_layer(name, qmodel.get_submodule(name))) for name in finished}
+    if done:
+        _logger.info("resuming from %s: %d of %d layers already done", work_dir, len(done), len(layer_names))
+    return store, done
+
+
+def _layer_costs(names: Sequence[str], qmodel: nn.Module, config: AdaQuantConfig, num_samples: int,
+                 layer_info: Mapping[str, LayerInfo] | None, layer_bytes: Mapping[str, int] | None) -> dict[str, float]:
+    costs = {}
+    for name in names:
+        if layer_info is not None and name in layer_info:
+            costs[name] = estimate_layer_cost(layer_info[name], config, num_samples)
+        else:  # rough: weights x cached activations
+            costs[name] = float(qmodel.get_submodule(name).weight.numel()) * (layer_bytes or {}).get(name, 1)
+    return costs
+
+
+def _run_parallel(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, todo: Sequence[str],
+                  batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None, bar: tqdm,
+                  layer_bytes: Mapping[str, int] | None,
+                  layer_info: Mapping[str, LayerInfo] | None) -> dict[str, LayerReport]:
+    if ctx.is_distributed:
+        num_samples = sum(batch_size(b) for b in batches)
+        costs = _layer_costs(todo, qmodel, config, num_samples, layer_info, layer_bytes)
+        mine = assign_layers(costs, todo, ctx.world_size)[ctx.rank]
+        _logger.info("rank %d optimises %d of %d layers", ctx.rank, len(mine), len(todo))
+    else:
+        mine = list(todo)
+    on_step = ctx.check_abort if ctx.is_distributed else None
+    results: dict[str, LayerReport] = {}
+    current = "capture"
+    try:
+        groups = layerwise._parallel_groups(mine, dict(layer_bytes) if layer_bytes else None, config.max_cache_bytes)
+        for group in (g for g in groups if g):  # a rank may have nothing left to do
+            current = f"capturing layers {group[0]!r}..{group[-1]!r}"
+            caches = capture_layers_io(fp_model, group, batches, dtype=_cache_dtype(config),
+                                       max_bytes=config.max_cache_bytes)
+            try:
+                for name in group:
+                    current = f"layer {name!r}"
+                    ctx.check_abort()
+                    _maybe_inject_failure(name, ctx.rank)
+                    layer = qmodel.get_submodule(name)
+                    cache = caches.pop(name)
+                    try:
+                        report = layerwise.optimize_layer(layer, cache, config,
+                                                          make_generator(config.seed, layer_seed_salt(name)),
+                                                          name=name, on_step=on_step)
+                    finally:
+                        cache.cleanup()
+                    if store is not None:
+                        store.save_layer(name, layer, report.to_dict())
+                    results[name] = report
+                    bar.update(1)
+                    bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
+                    _logger.debug("%s", report)
+            finally:
+                for cache in caches.values():
+                    cache.cleanup()
+        current = "gathering results"
+        if not ctx.is_distributed:
+            return results
+        ctx.barrier("layer-parallel done")
+    except DistributedRunError:
+        raise
+    except BaseException as e:  # tell the other ranks now, rather than leaving them waiting for our results
+        ctx.report_failure(e, current)
+        raise
+    local = [(name, *layer_state(qmodel.get_submodule(name)), results[name].to_dict()) for name in mine]
+    for items in ctx.all_gather_object(local):
+        for name, tensors, attributes, report in items:
+            if name not in results:
+                load_layer_state(qmodel.get_submodule(name), tensors, attributes)
+                results[name] = LayerReport(**report)
+                bar.update(1)
+    return results
+
+
+def _run_sequential(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, todo: Sequence[str],
+                    batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None,
+                    bar: tqdm) -> dict[str, LayerReport]:
+    sync = DataParallelSync(ctx) if ctx.is_distributed else None
+    local_batches = shard_batches(batches, ctx.rank, ctx.world_size) if sync is not None else list(batches)
+    results: dict[str, LayerReport] = {}
+    for name in todo:  # execution order; finished layers are already loaded, so the prefix is right
+        layer = qmodel.get_submodule(name)
+        error, cache = None, None
+        try:
+            _maybe_inject_failure(name, ctx.rank)
+            cache = capture_layer_io(qmodel, fp_model, name, local_batches, dtype=_cache_dtype(config),
+                                     max_bytes=config.max_cache_bytes)
+        except Exception as e:
+            if sync is None:
+                raise
+            error = e
+        ctx.sync_failure(error, f"capturing layer {name!r}")
+        salt = layer_seed_salt(name)
+        generator = make_generator(config.seed, salt) if sync is None else make_generator(config.seed, salt, ctx.rank)
+        try:
+            report = layerwise.optimize_layer(layer, cache, config, generator, name=name, sync=sync)
+        except DistributedRunError:
+            raise
+        except BaseException as e:
+            ctx.report_failure(e, f"layer {name!r}")
+            raise
+        finally:
+            cache.cleanup()
+        error = None
+        if store is not None and ctx.is_main:  # every rank holds the same layer: one writer
+            try:
+                store.save_layer(name, layer, report.to_dict())
+            except Exception as e:
+                if sync is None:
+                    raise
+                error = e
+        ctx.sync_failure(error, f"checkpointing layer {name!r}")
+        results[name] = report
+        bar.update(1)
+        bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
+        _logger.debug("%s", report)
+    return results
+
+
+def _move(models: Sequence[nn.Module], device: torch.device | None) -> list[tuple[nn.Module, torch.device]]:
+    moved = []
+    for model in models:
+        param = next(model.parameters(), None)
+        if device is not None and param is not None and param.device != device:
+            moved.append((model, param.device))
+            model.to(device)
+    return moved
+
+
+def run_layers(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Sequence[Batch],
+    config: AdaQuantConfig,
+    layer_bytes: Mapping[str, int] | None = None,
+    *,
+    layer_info: Mapping[str, LayerInfo] | None = None,
+    work_dir: str | os.PathLike | None = None,
+    context: DistributedContext | None = None,
+) -> list[LayerReport]:
+    """AdaQuant over ``layer_names`` (execution order), distributed and resumable; see the module docstring.
+
+    Every rank of a launch must call this with the same arguments; all return the same reports and leave
+    ``qmodel`` in the same state. Under a launch, the models are moved to the rank's device for the phase and
+    moved back afterwards.
+    """
+    ctx = context or get_context()
+    ctx.new_session()
+    store, done = _resume(ctx, work_dir, qmodel, fp_model, layer_names, batches, config)
+    todo = [name for name in layer_names if name not in done]
+    bar = tqdm(total=len(layer_names), initial=len(done), desc=f"AdaQuant ({config.variant})",
+               disable=not config.progress or not ctx.is_main)
+    moved = _move([fp_model, qmodel], ctx.device if ctx.is_distributed else None)
+    try:
+        if config.variant == "parallel":
+            new = _run_parallel(ctx, qmodel, fp_model, todo, batches, config, store, bar, layer_bytes, layer_info)
+        else:
+            new = _run_sequential(ctx, qmodel, fp_model, todo, batches, config, store, bar)
+    finally:
+        bar.close()
+        for model, device in moved:
+            model.to(device)
+    reports = {**done, **new}
+    return [reports[name] for name in layer_names]

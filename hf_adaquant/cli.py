@@ -1,0 +1,218 @@
+"""``hf-adaquant``: quantize a model from a recipe, evaluate a checkpoint, push it to the Hub.
+
+    hf-adaquant quantize --recipe recipes/cifar10-resnet20-w4a4.yaml --output out/r20 [--set quantization.iterations=50]
+    hf-adaquant evaluate out/r20 [--recipe R]
+    hf-adaquant push out/r20 --repo-id me/resnet20-w4a4 [--private] [--token-env HF_TOKEN]
+
+Bad input (a malformed recipe, a missing file, an invalid checkpoint) ends with a one-line message on stderr and
+exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main"]
+
+_logger = logging.getLogger("hf_adaquant.cli")
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """Bad command-line input: reported as one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-adaquant", description="AdaQuant post-training quantization.",
+                                     epilog="See recipes/*.yaml for ready-made recipes.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize the recipe's model and save a checkpoint")
+    q.add_argument("--recipe", required=True, help="recipe .yaml file (or the name of one in recipes/)")
+    q.add_argument("--output", required=True, type=Path, help="checkpoint folder to write")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. quantization.iterations=50 (repeatable)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    q.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
+
+    e = sub.add_parser("evaluate", help="reload a checkpoint and run its recipe's evaluation")
+    e.add_argument("dir", type=Path, help="checkpoint folder written by 'quantize'")
+    e.add_argument("--recipe", help="recipe to take the evaluation from (default: DIR/recipe.yaml)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. evaluation.num_samples=500")
+
+    p = sub.add_parser("push", help="upload a checkpoint with a model card to the Hugging Face Hub")
+    p.add_argument("dir", type=Path, help="checkpoint folder written by 'quantize'")
+    p.add_argument("--repo-id", required=True, help="target repository, e.g. me/resnet20-adaquant-w4a4")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--token-env", default=None, metavar="VAR",
+                   help="environment variable holding the Hub token (default: huggingface_hub's own lookup: "
+                        "HF_TOKEN or the stored login). Tokens are never taken as arguments.")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def _eval_record(evaluator: Any, metrics: dict[str, dict[str, float]], size: dict[str, int]) -> dict[str, Any]:
+    return {"task": evaluator.recipe.evaluation["task"], "dataset": evaluator.dataset,
+            "fp32": metrics.get("fp32"), "quantized": metrics["quantized"], "size": size}
+
+
+def _replace_dir(staging: Path, output: Path) -> None:
+    """Move ``staging`` to ``output``; an existing ``output`` is removed only once the new one is in place."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from . import quantize
+    from .hub import EVAL_RESULTS_FILE, RECIPE_FILE
+    from .recipes import build_calibration, build_evaluator, build_model, load_recipe
+    from .serialization import save_quantized
+    from .size import model_size
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    output: Path = args.output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise CliError(f"output {output} exists and is not empty (use --overwrite to replace it)")
+    built = build_model(recipe)
+    calibration = build_calibration(recipe, built)
+    _logger.info("quantizing %s with %d calibration batches", recipe.name, len(calibration))
+    qmodel = quantize(built.model, calibration, recipe.quantization)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint folder should not be
+    try:
+        save_quantized(qmodel, staging)
+        (staging / RECIPE_FILE).write_text(recipe.to_yaml())
+        if built.tokenizer is not None:
+            built.tokenizer.save_pretrained(str(staging))
+        size = {"fp32_bytes": model_size(qmodel).fp32_bytes,
+                "checkpoint_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors"))}
+        summary: dict[str, Any] = {"output": str(output), "recipe": recipe.name, "size": size}
+        evaluator = None if args.no_eval else build_evaluator(recipe, built)
+        if evaluator is not None:
+            models = {"fp32": built.model, "quantized": qmodel} if recipe.evaluation["compare_fp"] else \
+                {"quantized": qmodel}
+            record = _eval_record(evaluator, evaluator(models), size)
+            (staging / EVAL_RESULTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            summary.update(fp32=record["fp32"], quantized=record["quantized"])
+        _replace_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _load_for_eval(directory: Path, recipe: Any) -> tuple[Any, Any]:
+    """The reloaded model and what the evaluator needs (plain PyTorch checkpoints use the recipe's model as the
+    skeleton; SQuAD needs the tokenizer saved next to the checkpoint, else the recipe's)."""
+    from .recipes import BuiltModel, build_model
+    from .serialization import load_quantized
+
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if "model_type" not in config and "architecture" not in config:
+        qmodel = load_quantized(directory, model=build_model(recipe).model)
+    else:
+        qmodel = load_quantized(directory)
+    tokenizer = None
+    if recipe.evaluation["task"] == "question-answering":
+        from transformers import AutoTokenizer
+
+        has_tokenizer = (directory / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(str(directory)) if has_tokenizer else build_model(recipe).tokenizer
+    return qmodel, BuiltModel(model=qmodel, tokenizer=tokenizer)
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
+    from .hub import RECIPE_FILE
+    from .recipes import build_evaluator, load_recipe
+
+    directory: Path = args.dir
+    if not directory.is_dir():
+        raise CliError(f"checkpoint folder not found: {directory}")
+    recipe_path = args.recipe or directory / RECIPE_FILE
+    if args.recipe is None and not Path(recipe_path).is_file():
+        raise CliError(f"{directory} has no {RECIPE_FILE}: pass --recipe")
+    recipe = load_recipe(recipe_path, args.overrides)
+    if recipe.evaluation is None:
+        raise CliError(f"recipe {recipe.name} has no evaluation section")
+    qmodel, built = _load_for_eval(directory, recipe)
+    evaluator = build_evaluator(recipe, built)
+    return evaluator({"quantized": qmodel})["quantized"]
+
+
+def run_push(args: argparse.Namespace, hub_api: Any = None) -> dict[str, Any]:
+    from .hub import RECIPE_FILE, push_to_hub
+    from .hub.push import DEFAULT_COMMIT_MESSAGE
+    from .recipes import load_recipe
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise CliError(f"environment variable {args.token_env} is not set or empty")
+    recipe_path = args.dir / RECIPE_FILE
+    base_model = load_recipe(recipe_path, check_files=False).base_model_id if recipe_path.is_file() else None
+    result = push_to_hub(args.dir, args.repo_id, api=hub_api, token=token, private=args.private,
+                         commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, create_pr=args.create_pr,
+                         base_model=base_model)
+    url = getattr(result, "pr_url", None) or getattr(result, "commit_url", None)
+    return {"repo_id": args.repo_id, "url": url}
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    # ValueError covers RecipeError, CheckpointError and huggingface_hub's validation errors; OSError covers
+    # missing files and Hub HTTP errors.
+    return (CliError, ValueError, OSError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None, *, hub_api: Any = None) -> int:
+    """Entry point of the ``hf-adaquant`` console script; returns the exit status.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+        hub_api: an ``HfApi``-like object for ``push`` (tests inject a local stand-in).
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "quantize":
+            result: Any = run_quantize(args)
+        elif args.command == "evaluate":
+            result = run_evaluate(args)
+        else:
+            result = run_push(args, hub_api)
+    except _bad_input_types() as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"hf-adaquant {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

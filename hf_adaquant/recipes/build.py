@@ -1,0 +1,229 @@
+"""Turn a validated :class:`Recipe` into a model, calibration batches and an evaluator.
+
+Reuses the project's loaders (``hf_adaquant.models``, ``hf_adaquant.data``, ``hf_adaquant.tasks.squad``); Hub
+models and ``datasets`` are only touched when a recipe names them (users online), never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .schema import Recipe, RecipeError
+
+__all__ = ["BuiltModel", "Evaluator", "build_calibration", "build_evaluator", "build_model"]
+
+_logger = logging.getLogger(__name__)
+
+_AUTO_CLASSES = {"question-answering": "AutoModelForQuestionAnswering",
+                 "image-classification": "AutoModelForImageClassification",
+                 "sequence-classification": "AutoModelForSequenceClassification"}
+
+
+@dataclass
+class BuiltModel:
+    """The float model of a recipe, with its tokenizer (transformers text models)."""
+
+    model: nn.Module
+    tokenizer: Any = None
+
+
+def _build_factory(spec: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = spec["callable"].partition(":")
+    if not attr:
+        raise RecipeError(f"model.callable must look like 'package.module:function', got {spec['callable']!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"model.callable {spec['callable']!r} cannot be imported: {err}") from None
+    model = factory(**spec["kwargs"])
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"model.callable {spec['callable']!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_model(recipe: Recipe) -> BuiltModel:
+    """Build (and load) the recipe's float model in eval mode."""
+    spec, source = recipe.model, recipe.model["source"]
+    tokenizer = None
+    if source == "timm":
+        import timm
+
+        kwargs = dict(spec["kwargs"])
+        if spec["checkpoint"] is not None:  # offline weights for a registered architecture
+            kwargs["pretrained_cfg_overlay"] = {"file": str(spec["checkpoint"])}
+        model = timm.create_model(spec["name"], pretrained=spec["pretrained"] or spec["checkpoint"] is not None,
+                                  **kwargs)
+    elif source == "transformers":
+        import transformers
+
+        auto = getattr(transformers, _AUTO_CLASSES[spec["task"]])
+        dtype = getattr(torch, spec["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise RecipeError(f"model.dtype {spec['dtype']!r} is not a torch dtype")
+        model = auto.from_pretrained(spec["id"], dtype=dtype, revision=spec["revision"])
+        if spec["task"] != "image-classification":
+            tokenizer = transformers.AutoTokenizer.from_pretrained(spec["id"], revision=spec["revision"])
+    elif source == "cifar_resnet":
+        from ..models import load_cifar_resnet
+
+        model = load_cifar_resnet(spec["depth"], spec["checkpoint"])
+    elif source == "efficientnet_lite0":
+        from ..models import load_efficientnet_lite0
+
+        model = load_efficientnet_lite0()
+    else:
+        model = _build_factory(spec)
+    return BuiltModel(model=model.eval(), tokenizer=tokenizer)
+
+
+def _image_transform(preprocessing: str, model: nn.Module) -> Callable:
+    if preprocessing == "efficientnet_lite0":
+        from ..data import efficientnet_lite0_transform
+
+        return efficientnet_lite0_transform()
+    import timm.data
+
+    if getattr(model, "pretrained_cfg", None) is None:
+        raise RecipeError("preprocessing 'timm' needs a timm model (its pretrained_cfg gives size/mean/std); "
+                          "pick another preprocessing")
+    return timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+
+
+def _image_batches(spec: dict[str, Any], model: nn.Module, limit: int | None, batch_size: int, *,
+                   shuffle_seed: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(x, y)`` batches of an image source, at most ``limit`` samples, decoded lazily (ImageNet val is big)."""
+    source = spec["source"]
+    if source == "cifar10_npz":
+        from ..data import load_cifar10_npz
+
+        x, y = load_cifar10_npz(spec["path"], limit=limit)
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+    elif source == "synthetic":
+        g = torch.Generator().manual_seed(spec["seed"])
+        n = limit or batch_size
+        x = torch.randn(n, *spec["shape"], generator=g)
+        y = torch.randint(0, spec["num_classes"], (n,), generator=g)
+        for i in range(0, n, batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+    elif source == "image_folder":
+        from ..data import ImageFolderWithLabels
+
+        ds = ImageFolderWithLabels(spec["path"], transform=_image_transform(spec["preprocessing"], model),
+                                   limit=limit)
+        if len(ds) == 0:
+            raise RecipeError(f"{spec['path']} lists no images in labels.csv")
+        for i in range(0, len(ds), batch_size):
+            items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+            yield torch.stack([t for t, _ in items]), torch.tensor([l for _, l in items])
+    else:  # hf_image_dataset
+        import datasets
+
+        ds = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"], streaming=spec["streaming"])
+        if shuffle_seed is not None:
+            ds = ds.shuffle(seed=shuffle_seed, **({"buffer_size": 10_000} if spec["streaming"] else {}))
+        transform = _image_transform(spec["preprocessing"], model)
+        rows = iter(ds) if limit is None else itertools.islice(ds, limit)
+        while chunk := list(itertools.islice(rows, batch_size)):
+            yield (torch.stack([transform(r[spec["image_column"]].convert("RGB")) for r in chunk]),
+                   torch.tensor([int(r[spec["label_column"]]) for r in chunk]))
+
+
+def _squad_examples(spec: dict[str, Any], limit: int | None) -> list:
+    from ..tasks.squad import SquadExample, load_squad_examples
+
+    if spec["source"] == "squad_json":
+        examples = load_squad_examples(spec["path"], articles=spec["articles"])
+    else:
+        import datasets
+
+        rows = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"])
+        examples = [SquadExample(id=r["id"], article=0, title=r.get("title", ""), context=r["context"],
+                                 question=r["question"], answers={"text": list(r["answers"]["text"]),
+                                 "answer_start": list(r["answers"]["answer_start"])}) for r in rows]
+    return examples if limit is None else examples[:limit]
+
+
+def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
+    """The recipe's unlabeled calibration batches (tensors, or dicts of tensors for text models)."""
+    spec = recipe.calibration
+    seed = recipe.quantization.seed
+    if spec["source"] in ("squad_json", "hf_squad"):
+        from ..tasks.squad import squad_calibration_batches
+
+        if built.tokenizer is None:
+            raise RecipeError("SQuAD calibration data needs a transformers model with a tokenizer")
+        return squad_calibration_batches(_squad_examples(spec, None), built.tokenizer, spec["num_samples"],
+                                         spec["batch_size"], max_length=spec["max_length"], stride=spec["stride"],
+                                         seed=seed)
+    batches = [x for x, _ in _image_batches(spec, built.model, spec["num_samples"], spec["batch_size"],
+                                            shuffle_seed=seed)]
+    if not batches:
+        raise RecipeError("calibration data is empty")
+    return batches
+
+
+@dataclass
+class Evaluator:
+    """Scores models on the recipe's evaluation data in ``evaluate``'s format.
+
+    Image classification gives ``{"accuracy": fraction}`` (as ``evaluate.load("accuracy")``), question answering
+    ``{"exact_match", "f1"}`` in percent (as ``evaluate.load("squad")``).
+    """
+
+    recipe: Recipe
+    built: BuiltModel
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """How the card and the results JSON describe the evaluation data."""
+        spec = self.recipe.evaluation or {}
+        source = spec["source"]
+        name = spec.get("name") or (spec["path"].name if spec.get("path") is not None else source)
+        kind = {"cifar10_npz": "cifar10", "squad_json": "squad", "hf_squad": "squad"}.get(source, str(name))
+        split = spec.get("split")
+        if split is None and spec.get("articles"):
+            split = f"articles {spec['articles'][0]}-{spec['articles'][-1]}"
+        return {"name": str(name), "type": kind, "split": split, "source": source,
+                "num_samples": spec["num_samples"]}
+
+    def __call__(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        """Metrics per model name, every model seeing the same data."""
+        spec = self.recipe.evaluation
+        if spec is None:
+            raise RecipeError("the recipe has no evaluation section")
+        for model in models.values():
+            model.eval()
+        if spec["task"] == "question-answering":
+            from ..tasks.squad import evaluate_squad_model
+
+            if self.built.tokenizer is None:
+                raise RecipeError("question-answering evaluation needs a transformers model with a tokenizer")
+            examples = _squad_examples(spec, spec["num_samples"])
+            return {name: evaluate_squad_model(m, self.built.tokenizer, examples, batch_size=spec["batch_size"],
+                                               max_length=spec["max_length"], stride=spec["stride"])
+                    for name, m in models.items()}
+        correct = dict.fromkeys(models, 0)
+        total = 0
+        with torch.no_grad():
+            for x, y in _image_batches(spec, self.built.model, spec["num_samples"], spec["batch_size"]):
+                for name, m in models.items():
+                    out = m(x)
+                    logits = out.logits if hasattr(out, "logits") else out
+                    correct[name] += int((logits.argmax(dim=-1) == y).sum())
+                total += len(y)
+        if total == 0:
+            raise RecipeError("evaluation data is empty")
+        return {name: {"accuracy": c / total} for name, c in correct.items()}
+
+
+def build_evaluator(recipe: Recipe, built: BuiltModel) -> Evaluator | None:
+    """An :class:`Evaluator` for the recipe, or None when it has no evaluation section."""
+    return None if recipe.evaluation is None else Evaluator(recipe, built)

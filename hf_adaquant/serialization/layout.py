@@ -1,0 +1,178 @@
+"""The checkpoint layout: which layers are quantized how, and the layer <-> packed-tensor conversions.
+
+A quantized layer ``L`` is stored under names a float loader does not know (``L.weight_packed``, ``L.weight_scale``,
+``L.weight_zero_point``, ``L.weight_signed``, ``L.input_scale``, ``L.input_zero_point``, ``L.input_signed``) plus its
+float ``L.bias``; its float ``L.weight`` is never written. On load the float weight is rebuilt from the codes as
+``(code - zero_point) * step``, a point of the grid, so fake-quantizing it again gives exactly the stored codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..nn import QMODULES, QModuleMixin
+from ..prepare.fold_bn import _replacement_for
+from ..quant.functional import qrange
+from .pack import pack_codes, packed_nbytes, unpack_codes
+
+__all__ = ["LAYOUT_VERSION", "WEIGHTS_NAME", "describe_model", "layer_tensor_specs", "pack_layer",
+           "quantize_skeleton_", "set_submodule", "unpack_layer"]
+
+LAYOUT_VERSION = 1
+# Not ``model.safetensors``: loaders that do not know the format (transformers or timm without hf_adaquant) then
+# find no weights they recognise and fail instead of building a float model around missing weights.
+WEIGHTS_NAME = "adaquant_model.safetensors"
+_MIN_STEP = 1e-8  # the clamp ``Quantizer._step`` applies
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def describe_layer(module: QModuleMixin) -> dict[str, Any]:
+    """JSON description of one quantized layer (what rebuilding its module needs)."""
+    iq = module.input_quantizer
+    return {
+        "type": type(module).__name__,
+        "weight_bits": module.weight_quantizer.bits,
+        "activation_bits": None if iq is None else iq.bits,
+        "weight_symmetric": bool(module.weight_quantizer.symmetric),
+        "activation_symmetric": bool(iq.symmetric) if iq is not None else False,
+        "output_activation": module.output_activation,
+        "weight_shape": list(module.weight.shape),
+    }
+
+
+def describe_model(qmodel: nn.Module, folded_batchnorms: dict[str, str]) -> dict[str, Any]:
+    """The ``checkpoint_layout`` stored in ``quantization_config``: version, weights file, layers, folded BNs."""
+    layers = {name: describe_layer(m) for name, m in qmodel.named_modules() if isinstance(m, QModuleMixin)}
+    if not layers:
+        raise ValueError("the model has no quantized layer: pass the model returned by hf_adaquant.quantize")
+    return {"version": LAYOUT_VERSION, "weights_file": WEIGHTS_NAME,
+            "packing": "unsigned codes (code - qmin), 8-bit slots for 5..8 bits, 4-bit for 3..4, 2-bit for 2",
+            "layers": layers, "folded_batchnorms": dict(folded_batchnorms)}
+
+
+def layer_tensor_specs(desc: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{suffix: (dtype, shape)}`` of the tensors stored for a layer described by ``desc``."""
+    shape = tuple(desc["weight_shape"])
+    channels = shape[0]
+    specs = {
+        "weight_packed": (torch.uint8, (packed_nbytes(math.prod(shape), desc["weight_bits"]),)),
+        "weight_scale": (torch.float32, (channels,)),
+        "weight_zero_point": (torch.int32, (channels,)),
+        "weight_signed": (torch.uint8, (1,)),
+        "bias": (torch.float32, (channels,)),
+    }
+    if desc["activation_bits"] is not None:
+        specs.update(input_scale=(torch.float32, (1,)), input_zero_point=(torch.int32, (1,)),
+                     input_signed=(torch.uint8, (1,)))
+    return specs
+
+
+@torch.no_grad()
+def pack_layer(module: QModuleMixin) -> dict[str, torch.Tensor]:
+    """``{suffix: tensor}`` holding ``module``'s packed weight codes and quantizer parameters (CPU)."""
+    wq = module.weight_quantizer
+    if not bool(wq.initialized):
+        raise ValueError(f"{type(module).__name__} has an uncalibrated weight quantizer; nothing to save")
+    codes = wq.int_codes(module.weight) - wq.qmin
+    out = {
+        "weight_packed": pack_codes(codes, wq.bits),
+        "weight_scale": wq.scale.detach().float().cpu().clone(),
+        "weight_zero_point": torch.round(wq.zero_point.detach()).to(torch.int32).cpu(),
+        "weight_signed": torch.tensor([int(wq.signed)], dtype=torch.uint8),
+        "bias": module.bias.detach().float().cpu().clone(),
+    }
+    iq = module.input_quantizer
+    if iq is not None:
+        if not bool(iq.initialized):
+            raise ValueError(f"{type(module).__name__} has an uncalibrated input quantizer; nothing to save")
+        out.update(input_scale=iq.scale.detach().float().cpu().clone(),
+                   input_zero_point=torch.round(iq.zero_point.detach()).to(torch.int32).cpu(),
+                   input_signed=torch.tensor([int(iq.signed)], dtype=torch.uint8))
+    return out
+
+
+def unpack_layer(tensors: dict[str, torch.Tensor], desc: dict[str, Any],
+                 where: str = "layer") -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    """The quantized module's state dict (relative names) and its ``signed`` flags from the stored tensors.
+
+    Raises:
+        ValueError: a tensor is missing or has the wrong dtype/shape (``where`` names the layer and file).
+    """
+    for suffix, (dtype, shape) in layer_tensor_specs(desc).items():
+        t = tensors.get(suffix)
+        if t is None:
+            raise ValueError(f"{where}: tensor {suffix!r} is missing")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{where}: tensor {suffix!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    bits, shape = desc["weight_bits"], tuple(desc["weight_shape"])
+    signed = {"weight": bool(tensors["weight_signed"].item())}
+    qmin, qmax = qrange(bits, signed["weight"])
+    codes = unpack_codes(tensors["weight_packed"].cpu(), bits, math.prod(shape)).reshape(shape) + qmin
+    if int(codes.max()) > qmax:
+        raise ValueError(f"{where}: weight codes exceed the {bits}-bit grid")
+    bshape = (-1,) + (1,) * (len(shape) - 1)
+    scale = tensors["weight_scale"].float().cpu()
+    zero_point = tensors["weight_zero_point"].float().cpu()
+    weight = (codes.float() - zero_point.reshape(bshape)) * scale.clamp(min=_MIN_STEP).reshape(bshape)
+    state = {"weight": weight, "bias": tensors["bias"].float().cpu(), "weight_quantizer.scale": scale,
+             "weight_quantizer.zero_point": zero_point, "weight_quantizer.initialized": torch.tensor(True)}
+    if desc["activation_bits"] is not None:
+        signed["input"] = bool(tensors["input_signed"].item())
+        state.update({"input_quantizer.scale": tensors["input_scale"].float().cpu(),
+                      "input_quantizer.zero_point": tensors["input_zero_point"].float().cpu(),
+                      "input_quantizer.initialized": torch.tensor(True)})
+    return state, signed
+
+
+def build_qmodule(float_module: nn.Module, desc: dict[str, Any], where: str = "layer") -> QModuleMixin:
+    """The quantized twin of ``float_module`` as ``desc`` describes it (weights still to be loaded)."""
+    qcls = QMODULES.get(type(float_module))
+    if qcls is None or qcls.__name__ != desc["type"]:
+        raise ValueError(f"{where}: checkpoint has a {desc['type']} where the model has a "
+                         f"{type(float_module).__name__} (quantized as {getattr(qcls, '__name__', None)})")
+    q = qcls.from_float(float_module, desc["weight_bits"], desc["activation_bits"],
+                        weight_symmetric=desc["weight_symmetric"], activation_symmetric=desc["activation_symmetric"])
+    if list(q.weight.shape) != list(desc["weight_shape"]):
+        raise ValueError(f"{where}: weight shape {list(q.weight.shape)} in the model, {desc['weight_shape']} in the "
+                         "checkpoint (wrong architecture or model arguments?)")
+    q.output_activation = desc["output_activation"]
+    return q
+
+
+def apply_signed(module: QModuleMixin, signed: dict[str, bool]) -> None:
+    module.weight_quantizer.signed = signed["weight"]
+    if module.input_quantizer is not None:
+        module.input_quantizer.signed = signed["input"]
+
+
+def replace_folded_batchnorms_(model: nn.Module, folded: dict[str, str]) -> None:
+    """Replace each BatchNorm that was folded at quantization time by what folding left in its place."""
+    for bn_name in folded:
+        try:
+            bn = model.get_submodule(bn_name)
+        except AttributeError as exc:
+            raise ValueError(f"folded BatchNorm {bn_name!r} is not in the model (wrong architecture?)") from exc
+        if not isinstance(bn, _BatchNorm):
+            raise ValueError(f"{bn_name!r} should be a BatchNorm, the model has a {type(bn).__name__}")
+        set_submodule(model, bn_name, _replacement_for(bn))
+
+
+def quantize_skeleton_(model: nn.Module, layout: dict[str, Any], where: str = "checkpoint") -> nn.Module:
+    """Turn a float skeleton into the quantized model's structure, in place (weights still to be loaded)."""
+    replace_folded_batchnorms_(model, layout["folded_batchnorms"])
+    for name, desc in layout["layers"].items():
+        try:
+            float_module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"{where}: quantized layer {name!r} is not in the model (wrong architecture?)") from exc
+        set_submodule(model, name, build_qmodule(float_module, desc, f"{where}: layer {name!r}"))
+    return model

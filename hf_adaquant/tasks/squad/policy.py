@@ -1,0 +1,54 @@
+"""Quantization policy for BERT question-answering models (``BertForQuestionAnswering`` and look-alikes).
+
+What is quantized, and why:
+
+* **Every ``nn.Linear`` of the encoder** (query/key/value, attention output, intermediate and output dense):
+  weights per output channel at ``weight_bits``, the layer input per tensor at ``activation_bits``. These hold
+  all of the encoder's weights and nearly all of its multiply-accumulates.
+* **The QA head** (``qa_outputs``, hidden -> 2 start/end logits) at W8A8 by default: it has 2 x hidden weights
+  (0.003% of the model), so 4 bits saves nothing, while its error goes straight into the span scores.
+* **Stays float**: word/position/token-type embeddings (``nn.Embedding``, a table lookup with no MACs; weight
+  compression of the table is a storage matter, not this method's), the attention matmuls QK^T and AV
+  (activation x activation products, not layers with weights), softmax, LayerNorm, GELU and the residual adds.
+  They are not Linear/Conv modules, so the engine leaves them alone by construction; ``include`` also keeps any
+  pooler or other head out of the plan.
+* The first encoder layer (layer 0 query) gets **no** 8-bit exception: unlike a CNN's first conv, it reads the
+  normalised embedding output, not raw input, and is as robust as the other projections.
+
+GELU follows ``intermediate.dense``: the layer-wise AdaQuant loss is the plain MSE on the pre-GELU output (only
+ReLU/ReLU6 are applied to both sides of the loss, as the engine detects them; no ReLU is assumed for GELU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...config import AdaQuantConfig
+
+__all__ = ["bert_qa_quantization_config"]
+
+BERT_ENCODER_PATTERN = "*encoder.layer.*"
+
+
+def bert_qa_quantization_config(weight_bits: int = 8, activation_bits: int | None = 8, *, pipeline: str = "light",
+                                head: str = "qa_outputs", head_bits: tuple[int, int | None] | None = (8, 8),
+                                **overrides: Any) -> AdaQuantConfig:
+    """``AdaQuantConfig`` implementing the BERT QA policy above.
+
+    Args:
+        weight_bits / activation_bits: precision of the encoder's Linear layers.
+        pipeline: "light" or "advanced".
+        head: name of the QA head Linear in the model. head_bits: its ``(w, a)``; None quantizes it like the
+            encoder.
+        overrides: any other ``AdaQuantConfig`` field (``iterations``, ``activation_range_method``, ...);
+            ``layer_bits`` entries are merged after the head's.
+    """
+    layer_bits = {}
+    if head_bits is not None:
+        abits = None if activation_bits is None else head_bits[1]
+        layer_bits[head] = (head_bits[0], abits)
+    layer_bits.update(overrides.pop("layer_bits", {}) or {})
+    include = overrides.pop("include", None) or [BERT_ENCODER_PATTERN, head]
+    return AdaQuantConfig(weight_bits=weight_bits, activation_bits=activation_bits, pipeline=pipeline,
+                          first_last_bits=overrides.pop("first_last_bits", None), include=include,
+                          layer_bits=layer_bits, **overrides)

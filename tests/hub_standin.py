@@ -1,0 +1,48 @@
+"""A local stand-in for ``huggingface_hub.HfApi``: ``create_repo`` + ``upload_folder`` into a folder (no network)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, RepoUrl
+
+
+class LocalHubApi:
+    """Records every call; ``upload_folder`` copies the folder to ``root/<repo_id>/`` (like one commit)."""
+
+    endpoint = "https://huggingface.co"  # only used to format URLs: nothing is contacted
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.repos: dict[str, dict[str, Any]] = {}
+
+    def create_repo(self, repo_id: str, *, token: Any = None, private: bool | None = None,
+                    repo_type: str | None = None, exist_ok: bool = False, **kwargs: Any) -> RepoUrl:
+        self.calls.append(("create_repo", dict(repo_id=repo_id, token=token, private=private, repo_type=repo_type,
+                                               exist_ok=exist_ok, **kwargs)))
+        if repo_id in self.repos and not exist_ok:
+            raise FileExistsError(repo_id)
+        self.repos.setdefault(repo_id, {"private": private})
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return RepoUrl(f"{self.endpoint}/{repo_id}", endpoint=self.endpoint)
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, commit_message: str | None = None,
+                      token: Any = None, repo_type: str | None = None, create_pr: bool | None = None,
+                      **kwargs: Any) -> CommitInfo:
+        self.calls.append(("upload_folder", dict(repo_id=repo_id, folder_path=str(folder_path),
+                                                 commit_message=commit_message, token=token, repo_type=repo_type,
+                                                 create_pr=create_pr, **kwargs)))
+        if repo_id not in self.repos:
+            raise FileNotFoundError(f"repository {repo_id} does not exist (create_repo first)")
+        target = self.root / repo_id
+        shutil.copytree(folder_path, target, dirs_exist_ok=True)
+        n = sum(1 for c in self.calls if c[0] == "upload_folder")
+        return CommitInfo(commit_url=f"{self.endpoint}/{repo_id}/commit/{n:040x}", commit_message=commit_message or "",
+                          commit_description="", oid=f"{n:040x}",
+                          pr_url=f"{self.endpoint}/{repo_id}/discussions/{n}" if create_pr else None)
+
+    def repo_dir(self, repo_id: str) -> Path:
+        return self.root / repo_id

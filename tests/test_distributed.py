@@ -1,0 +1,241 @@
+"""Distributed and resumable AdaQuant: torchrun ranks equal one process, killed runs resume, failures stop all.
+
+The multi-process tests launch this file as a script (``__main__`` below is the worker) with
+``torchrun --standalone --nproc_per_node 2`` on CPU (gloo, one thread per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest helpers, also when run by torchrun
+
+from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn  # noqa: E402
+
+from hf_adaquant import quantize  # noqa: E402
+from hf_adaquant.adaquant import layerwise  # noqa: E402
+from hf_adaquant.distributed import WorkDirMismatchError, assign_layers, run_fingerprint, shard_batches  # noqa: E402
+
+WORKER = Path(__file__).resolve()
+ITERATIONS = 6
+
+
+def _config(variant: str, **changes: object):
+    return fast_config(**{"variant": variant, "iterations": ITERATIONS, "bias_tuning_steps": 4, **changes})
+
+
+def _data() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    batches = make_batches(4, 8)
+    return make_tiny_cnn(0, batches), batches
+
+
+def _count_optimised(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    real = layerwise.optimize_layer
+
+    def spy(layer, cache, config, generator, name="", **kwargs):
+        seen.append(name)
+        return real(layer, cache, config, generator, name, **kwargs)
+
+    monkeypatch.setattr(layerwise, "optimize_layer", spy)
+    return seen
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_ADAQUANT_TEST_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def _torchrun(args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), *args]
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (max |diff| {(a[k].float() - b[k].float()).abs().max()})"
+
+
+def _mse(layers: list[dict]) -> list[tuple[float, float]]:
+    return [(l["mse_before"], l["mse_after"]) for l in layers]
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+
+def _worker(argv: list[str]) -> None:
+    """One rank: quantize the tiny CNN with each requested variant and save what it got."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", nargs="+", default=["parallel"])
+    parser.add_argument("--work-dir")
+    args = parser.parse_args(argv)
+    from hf_adaquant.distributed import get_context
+
+    rank = get_context().rank
+    for variant in args.variants:
+        seen: list[str] = []
+        real = layerwise.optimize_layer
+
+        def spy(layer, cache, config, generator, name="", **kwargs):
+            seen.append(name)
+            return real(layer, cache, config, generator, name, **kwargs)
+
+        layerwise.optimize_layer = spy
+        model, batches = _data()
+        qmodel = quantize(model, batches, _config(variant), work_dir=args.work_dir)
+        layerwise.optimize_layer = real
+        torch.save({"state": qmodel.state_dict(), "layers": qmodel.hf_adaquant_report.layers, "optimised": seen},
+                   Path(args.out) / f"{variant}_rank{rank}.pt")
+
+
+# ----------------------------------------------------------------------------------- unit: schedule
+
+
+def test_assign_layers_balances_cost_and_is_deterministic() -> None:
+    costs = {"a": 10.0, "b": 7.0, "c": 6.0, "d": 5.0, "e": 4.0, "f": 1.0}
+    order = list(costs)
+    parts = assign_layers(costs, order, 2)
+    assert sorted(sum(parts, [])) == sorted(order)
+    loads = [sum(costs[n] for n in p) for p in parts]
+    assert abs(loads[0] - loads[1]) <= 2.0  # LPT: 10+5+1+... vs 7+6+...; contiguous halves would be 23 vs 10
+    assert all(p == sorted(p, key=order.index) for p in parts)  # each rank runs its layers in model order
+    assert assign_layers(costs, order, 2) == parts
+    assert assign_layers(costs, order, 1) == [order]
+
+
+def test_shard_batches_covers_every_sample_once() -> None:
+    batches = [torch.arange(5.0), torch.arange(5.0, 8.0)]
+    shards = [shard_batches(batches, r, 2) for r in range(2)]
+    got = torch.cat([torch.cat(s) for s in shards]).sort().values
+    assert torch.equal(got, torch.arange(8.0))
+    with pytest.raises(ValueError, match="cannot be split over 3 processes"):
+        shard_batches([torch.zeros(2)], 0, 3)
+
+
+# -------------------------------------------------------------------------------- resume / work dir
+
+
+def test_mismatched_work_dir_is_rejected_naming_the_difference(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = _data()
+    work = tmp_path / "work"
+    first = quantize(model, batches, _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False),
+                     work_dir=work)
+    assert len(list((work / "layers").glob("*.safetensors"))) == len(TINY_CNN_LAYERS)
+    # Same run again: everything comes from the work dir, nothing is optimised, same model.
+    seen = _count_optimised(monkeypatch)
+    again = quantize(model, batches, _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False),
+                     work_dir=work)
+    assert seen == []
+    _assert_same_state(again.state_dict(), first.state_dict())
+    with pytest.raises(WorkDirMismatchError, match=r"config\.iterations: 1 \(work dir\) != 2 \(this run\)"):
+        quantize(model, batches, _config("parallel", iterations=2, bias_tuning=False, bn_tuning=False),
+                 work_dir=work)
+    other = [b + 0.01 for b in batches]
+    with pytest.raises(WorkDirMismatchError, match="calibration data"):
+        quantize(model, other, _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False),
+                 work_dir=work)
+    # A directory that is not ours is not written into.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(WorkDirMismatchError, match="not an hf_adaquant work dir"):
+        quantize(model, batches, _config("parallel", iterations=1), work_dir=foreign)
+
+
+def test_fingerprint_records_processes_only_for_sequential() -> None:
+    from hf_adaquant import prepare_model
+
+    model, batches = _data()
+    config = _config("sequential")
+    prepared = prepare_model(model, batches[0], config)
+    names = list(prepared.plan)
+    fp1 = run_fingerprint(config, prepared.qmodel, prepared.fp_model, names, batches, 1)
+    fp2 = run_fingerprint(config, prepared.qmodel, prepared.fp_model, names, batches, 2)
+    assert fp1["num_processes"] == 1 and fp1 != fp2
+    assert fp1 == run_fingerprint(config.replace(progress=True), prepared.qmodel, prepared.fp_model, names,
+                                  batches, 1)  # progress bars do not change results
+    changed = copy.deepcopy(prepared.fp_model)
+    with torch.no_grad():
+        changed.conv1.weight[0, 0, 0, 0] += 1e-3
+    assert run_fingerprint(config, prepared.qmodel, changed, names, batches, 1)["model_weights"] != fp1["model_weights"]
+
+
+@pytest.mark.parametrize("variant", ["parallel", "sequential"])
+def test_killed_run_resumes_to_the_uninterrupted_result(variant: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL after 2 checkpointed layers, then resume: same model as one uninterrupted run, finished layers
+    are not optimised again (for the sequential variant the restored prefix feeds the remaining layers)."""
+    model, batches = _data()
+    reference = quantize(model, batches, _config(variant))
+    work = tmp_path / "work"
+    killed = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path), "--variants", variant,
+                             "--work-dir", str(work)], env=_env(HF_ADAQUANT_TEST_KILL_AFTER_LAYERS="2"),
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / f"{variant}_rank0.pt").exists()
+    assert len(list((work / "layers").glob("*.safetensors"))) == 2
+    seen = _count_optimised(monkeypatch)
+    resumed = quantize(model, batches, _config(variant), work_dir=work)
+    assert seen == TINY_CNN_LAYERS[2:]
+    _assert_same_state(resumed.state_dict(), reference.state_dict())
+    assert _mse(resumed.hf_adaquant_report.layers) == _mse(reference.hf_adaquant_report.layers)
+
+
+# ------------------------------------------------------------------------------------ multi-process
+
+
+def test_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """torchrun, 2 CPU ranks: the parallel variant splits the layers and every rank returns bitwise the
+    1-process model; the sequential variant runs data-parallel (not bitwise: other mini-batches) and both
+    ranks still return the same model, of comparable quality."""
+    result = _torchrun(["--out", str(tmp_path), "--variants", "parallel", "sequential"], timeout=150)
+    assert result.returncode == 0, result.stderr[-4000:]
+    model, batches = _data()
+    ref = {v: quantize(model, batches, _config(v)) for v in ("parallel", "sequential")}
+    par = [torch.load(tmp_path / f"parallel_rank{r}.pt") for r in range(2)]
+    for got in par:
+        _assert_same_state(got["state"], ref["parallel"].state_dict())
+        assert _mse(got["layers"]) == _mse(ref["parallel"].hf_adaquant_report.layers)
+    assert sorted(par[0]["optimised"] + par[1]["optimised"]) == sorted(TINY_CNN_LAYERS)
+    assert par[0]["optimised"] and par[1]["optimised"]  # both ranks worked
+    seq = [torch.load(tmp_path / f"sequential_rank{r}.pt") for r in range(2)]
+    _assert_same_state(seq[0]["state"], seq[1]["state"])
+    assert seq[0]["optimised"] == seq[1]["optimised"] == TINY_CNN_LAYERS  # every rank on every layer
+    ref_layers = ref["sequential"].hf_adaquant_report.layers
+    for got, want in zip(seq[0]["layers"], ref_layers):
+        assert got["num_samples"] == want["num_samples"] == 32  # statistics over all shards
+        assert got["mse_after"] <= got["mse_before"]
+        assert got["mse_after"] < 2 * want["mse_after"] + 1e-6, (got, want)
+
+
+@pytest.mark.parametrize("variant", ["parallel"])
+def test_failure_on_one_rank_stops_all_ranks_promptly(variant: str, tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = _torchrun(["--out", str(tmp_path), "--variants", variant], timeout=120,
+                       HF_ADAQUANT_TEST_FAIL_LAYER="*", HF_ADAQUANT_TEST_FAIL_RANK="1")
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 90, f"took {elapsed:.0f} s: ranks waited for a timeout"
+    out = result.stdout + result.stderr
+    assert "injected failure" in out
+    assert "rank 0 stops because rank 1 failed" in out, out[-4000:]
+    assert not list(tmp_path.glob("*.pt"))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
