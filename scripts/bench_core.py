@@ -101,6 +101,19 @@ def run_single(args: argparse.Namespace) -> dict:
     return result
 
 
+def _git_commit() -> str:
+    """HEAD of this checkout (+ "-dirty" with uncommitted library changes), so every row can be reproduced."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "hf_adaquant"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def write_tables(model: str, rows: list[dict]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"core_{model}.json").write_text(json.dumps(rows, indent=2))
@@ -144,6 +157,7 @@ def main() -> None:
             raise SystemExit(f"{method} {setting} failed")
         row = json.loads(line[len("RESULT "):])
         row["load_average_1min"] = os.getloadavg()[0]  # timings are only comparable on an idle machine
+        row["commit"] = _git_commit()
         rows = [r for r in rows if (r["method"], r["setting"]) != (method, setting)] + [row]
         print(f"{args.model:18s} {method:9s} {setting:5s} top1={row.get('top1', float('nan')):.2f} "
               f"t={row['seconds']:.1f}s rss={row['peak_rss_mib']:.0f}MiB", flush=True)

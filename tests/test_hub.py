@@ -179,3 +179,15 @@ def test_card_for_mixed_precision_transformers_checkpoint_without_eval(tmp_path)
     assert 'AutoModelForQuestionAnswering.from_pretrained("me/bert-mixed")' in card.text
     assert "n/a" in card.text  # no FP32 size known: ratio not invented
     assert not (tmp_path / "README.md").exists()  # building a card writes nothing
+
+
+def test_card_for_plain_pytorch_checkpoint_explains_the_skeleton(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "adaquant_model.safetensors"))
+    qcfg = {"quant_method": "adaquant", "weight_bits": 4, "activation_bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps({"hf_adaquant_model_class": "pkg.nets.MyNet",
+                                                      "quantization_config": qcfg}))
+    text = build_model_card(read_checkpoint_info(tmp_path), "me/net").text
+    assert "pkg.nets.MyNet" in text and 'load_quantized("me/net", model=float_model)' in text
+    assert "W4A4 post-training quantization of a float model" in text

@@ -53,6 +53,14 @@ def test_shipped_recipe_parses_and_validates(path: Path):
         load_recipe(path, check_files=True)  # every local file the recipe names exists
 
 
+def test_shipped_recipes_validate_without_shared_folder(monkeypatch):
+    monkeypatch.setattr("hf_adaquant.recipes.schema.shared_dir", lambda: None)
+    for path in SHIPPED:
+        load_recipe(path, check_files=False)  # structure only: CI machines without ../shared
+    with pytest.raises(RecipeError, match="needs the shared models/data folder"):
+        load_recipe(repo_root() / "recipes" / "cifar10-resnet20-w4a4.yaml")
+
+
 def test_hub_recipe_ids():
     assert load_recipe(repo_root() / "recipes" / "resnet18-imagenet-w4a4.yaml").base_model_id == \
         "timm/resnet18.tv_in1k"
@@ -66,7 +74,8 @@ def test_hub_recipe_ids():
     (lambda r: r["calibration"].pop("num_samples"), r"calibration: missing required key 'num_samples'"),
     (lambda r: r["calibration"].update(batch_size="big"), r"calibration.batch_size must be int"),
     (lambda r: r["calibration"].update(batch_size=0), r"calibration.batch_size must be >= 1"),
-    (lambda r: r["quantization"].update(weight_bitz=4), r"quantization: unknown AdaQuantConfig fields \['weight_bitz'\]"),
+    (lambda r: r["quantization"].update(weight_bitz=4),
+     r"quantization: unknown AdaQuantConfig fields \['weight_bitz'\]"),
     (lambda r: r["quantization"].update(weight_bits=9), r"quantization: weight_bits must be an integer in 2..8"),
     (lambda r: r["evaluation"].update(task="question-answering"), r"evaluation.source 'synthetic' cannot feed"),
     (lambda r: r["evaluation"].update(task="segmentation"), r"evaluation.task must be one of"),
@@ -143,6 +152,7 @@ def test_evaluator_accuracy_matches_labels(tmp_path):
     metrics = evaluator({"a": _ConstantClassifier(1), "b": _ConstantClassifier(2)})
     assert metrics == {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.1}}
     assert evaluator.dataset["type"] == "cifar10" and evaluator.dataset["name"] == "test.npz"
+    assert evaluator.dataset["num_samples"] == 10
     raw["evaluation"]["num_samples"] = 4  # first 4 labels: 0, 1, 1, 2
     evaluator = build_evaluator(load_recipe(_write(tmp_path, raw)), BuiltModel(model=_ConstantClassifier(1)))
     assert evaluator({"a": _ConstantClassifier(1)}) == {"a": {"accuracy": 0.5}}

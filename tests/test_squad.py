@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -297,20 +296,26 @@ def test_bert_policy_on_tiny_model() -> None:
 
 @needs_shared
 def test_minilm_fp32_and_w8a8_light_on_subset(tokenizer, eval_subset) -> None:
-    """FP32 MiniLM-SQuAD answers article 40 sensibly; W8A8 (light) keeps F1 within 3 points there.
+    """FP32 MiniLM-SQuAD answers the first 48 questions of article 40 sensibly; W8A8 light keeps F1 within 5.
 
-    Threshold: RESULTS.md gives F1 70.9 on articles 40-47 (max_length 192); article 40 alone measures ~73 here
-    (153 questions, so +-4 points of sampling noise around the split's mean). F1 > 55 fails for a broken
-    tokenisation/post-processing (wrong offsets or windows give < 20) but not for honest variation.
+    Threshold: RESULTS.md gives F1 70.9 on articles 40-47; these 48 questions measure ~70 here, and 48 questions
+    carry +-6 points of sampling noise around the split's mean. F1 > 50 fails for broken tokenisation or
+    post-processing (shifted offsets or windows give < 20) but not for honest variation. W8A8 moves a handful of
+    answers at most (the full split loses < 0.5 F1, benchmarks/results/squad_minilm.md); 5 points is ~2-3
+    questions flipping. Small budget (1 core): 16 calibration features of 128 tokens, and the benchmark's light
+    preset (range calibration; sequential bias correction costs ~37 forward passes and is left out).
     """
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    kwargs = dict(batch_size=32, max_length=192, stride=64)
-    fp = evaluate_squad_model(model, tokenizer, eval_subset, **kwargs)
-    assert fp["f1"] > 55.0 and fp["exact_match"] > 40.0
+    examples = eval_subset[:48]
+    kwargs = dict(batch_size=16, max_length=192, stride=64)
+    fp = evaluate_squad_model(model, tokenizer, examples, **kwargs)
+    assert fp["f1"] > 50.0 and fp["exact_match"] > 35.0, fp
     calib = squad_calibration_batches(load_squad_examples(SQUAD_PATH, articles=range(0, 40)), tokenizer,
-                                      num_samples=16, batch_size=8, max_length=192, stride=64)
-    qmodel = quantize(model, calib, bert_qa_quantization_config(8, 8, pipeline="light", progress=False))
-    q = evaluate_squad_model(qmodel, tokenizer, eval_subset, **kwargs)
+                                      num_samples=16, batch_size=8, max_length=128, stride=32)
+    config = bert_qa_quantization_config(8, 8, pipeline="light", bias_correction=False, progress=False)
+    qmodel = quantize(model, calib, config)
+    assert len(qmodel.hf_adaquant_report.plan) == 6 * 6 + 1
+    q = evaluate_squad_model(qmodel, tokenizer, examples, **kwargs)
     assert math.isfinite(q["f1"])
-    assert fp["f1"] - q["f1"] < 3.0, (fp, q)
+    assert fp["f1"] - q["f1"] < 5.0, (fp, q)

@@ -126,8 +126,12 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
         auto = f"AutoModelFor{arch.split('For', 1)[1]}" if "For" in arch else "AutoModel"
         code += [f"from transformers import {auto}", "", f'model = {auto}.from_pretrained("{repo_id}")',
                  "# or, for any architecture:", f'model = hf_adaquant.load_quantized("{repo_id}")']
-    else:
+    elif info.library == "timm":
         code += ["", f'model = hf_adaquant.load_quantized("{repo_id}")']
+    else:  # a plain PyTorch module: the checkpoint holds weights, the architecture comes from its code
+        cls = info.config.get("hf_adaquant_model_class", "the float model class")
+        code += ["", f"float_model = ...  # the float architecture ({cls}), built as it was for quantization",
+                 f'model = hf_adaquant.load_quantized("{repo_id}", model=float_model)']
     return (["## How to load", "", "Needs `pip install hf-adaquant`. Import it **before** loading: it teaches "
              "transformers/timm how to rebuild the quantized layers.", "", "```python"] + code + ["```", ""])
 

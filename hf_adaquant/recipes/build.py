@@ -181,18 +181,22 @@ class Evaluator:
     recipe: Recipe
     built: BuiltModel
 
+    num_evaluated: int | None = None  # samples (images or questions) scored by the last call
+
     @property
     def dataset(self) -> dict[str, Any]:
         """How the card and the results JSON describe the evaluation data."""
         spec = self.recipe.evaluation or {}
         source = spec["source"]
-        name = spec.get("name") or (spec["path"].name if spec.get("path") is not None else source)
-        kind = {"cifar10_npz": "cifar10", "squad_json": "squad", "hf_squad": "squad"}.get(source, str(name))
+        default_name = spec.get("name") or (spec["path"].name if spec.get("path") is not None else source)
+        default_type = {"cifar10_npz": "cifar10", "squad_json": "squad", "hf_squad": "squad"}.get(source,
+                                                                                                   default_name)
         split = spec.get("split")
         if split is None and spec.get("articles"):
             split = f"articles {spec['articles'][0]}-{spec['articles'][-1]}"
-        return {"name": str(name), "type": kind, "split": split, "source": source,
-                "num_samples": spec["num_samples"]}
+        return {"name": str(spec.get("dataset_name") or default_name),
+                "type": str(spec.get("dataset_type") or default_type), "split": split, "source": source,
+                "num_samples": self.num_evaluated if self.num_evaluated is not None else spec["num_samples"]}
 
     def __call__(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
         """Metrics per model name, every model seeing the same data."""
@@ -207,6 +211,7 @@ class Evaluator:
             if self.built.tokenizer is None:
                 raise RecipeError("question-answering evaluation needs a transformers model with a tokenizer")
             examples = _squad_examples(spec, spec["num_samples"])
+            self.num_evaluated = len(examples)
             return {name: evaluate_squad_model(m, self.built.tokenizer, examples, batch_size=spec["batch_size"],
                                                max_length=spec["max_length"], stride=spec["stride"])
                     for name, m in models.items()}
@@ -221,6 +226,7 @@ class Evaluator:
                 total += len(y)
         if total == 0:
             raise RecipeError("evaluation data is empty")
+        self.num_evaluated = total
         return {name: {"accuracy": c / total} for name, c in correct.items()}
 
 

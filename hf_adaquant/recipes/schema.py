@@ -108,12 +108,18 @@ class Recipe:
         return yaml.safe_dump(raw, sort_keys=False)
 
 
-def resolve_path(value: str, base: Path | None, where: str) -> Path:
-    """Resolve ``${shared}/...``, ``${project}/...``, ``~`` and paths relative to ``base``."""
+def resolve_path(value: str, base: Path | None, where: str, *, strict: bool = True) -> Path:
+    """Resolve ``${shared}/...``, ``${project}/...``, ``~`` and paths relative to ``base``.
+
+    Without the shared folder a ``${shared}`` path raises, unless ``strict`` is False (then it stays as written:
+    enough to validate a recipe's structure on a machine without the offline data).
+    """
     for var, root in (("${shared}", None), ("${project}", repo_root())):
         if value.startswith(var):
             if var == "${shared}":
                 root = shared_dir()
+                if root is None and not strict:
+                    return Path(value)
                 if root is None:
                     raise RecipeError(f"{where}: {value!r} needs the shared models/data folder, which was not "
                                       "found (set HF_ADAQUANT_SHARED)")
@@ -147,7 +153,7 @@ def _check_section(data: Any, spec: dict[str, Field], where: str, base: Path | N
         if not isinstance(value, py_kind) or (py_kind is int and isinstance(value, bool)):
             raise RecipeError(f"{where}.{key} must be {_type_name(kind)}, got {value!r}")
         if kind == PATH:
-            value = resolve_path(value, base, f"{where}.{key}")
+            value = resolve_path(value, base, f"{where}.{key}", strict=check_files)
             if check_files and not value.exists():
                 raise RecipeError(f"{where}.{key}: file not found: {value} (from {data[key]!r})")
         out[key] = value
@@ -227,7 +233,8 @@ def parse_recipe(raw: Mapping[str, Any], *, path: Path | None = None, check_file
     evaluation = None
     if raw.get("evaluation") is not None:
         evaluation = _check_data(raw["evaluation"], f"{origin}: evaluation", base, check_files,
-                                 {"task": (str, REQUIRED), "compare_fp": (bool, True)})
+                                 {"task": (str, REQUIRED), "compare_fp": (bool, True),
+                                  "dataset_name": (str, None), "dataset_type": (str, None)})
         task, source = evaluation["task"], evaluation["source"]
         if task not in TASKS:
             raise RecipeError(f"{origin}: evaluation.task must be one of {sorted(TASKS)}, got {task!r}")

@@ -219,6 +219,9 @@ def save_quantized(qmodel: nn.Module, save_dir: str | os.PathLike, *, base_model
     tensors = model_tensors(qmodel)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", dir=save_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is an ordinary folder
     try:
         write_weights(tensors, tmp / WEIGHTS_NAME)
         _write_config(qmodel, kind, qconfig, tmp, base_model_config)

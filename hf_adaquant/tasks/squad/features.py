@@ -105,10 +105,20 @@ def squad_calibration_batches(examples: Sequence[SquadExample], tokenizer: Any, 
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    features = prepare_features(examples, tokenizer, max_length=max_length, stride=stride)
-    if num_samples > len(features):
-        raise ValueError(f"asked for {num_samples} calibration features, the examples give {len(features)}")
+    if not examples:
+        raise ValueError("no calibration examples")
     generator = torch.Generator().manual_seed(seed)
+    # Tokenise shuffled examples in chunks until there are enough features: a few hundred features need a
+    # small share of the ~9k calibration questions, and tokenising them all would dominate the set-up time.
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    picked: list[SquadExample] = []
+    features = None
+    chunk = max(8, num_samples // 2)
+    while features is None or len(features) < num_samples:
+        if len(picked) == len(examples):
+            raise ValueError(f"asked for {num_samples} calibration features, the examples give {len(features)}")
+        picked += [examples[i] for i in order[len(picked):len(picked) + chunk]]
+        features = prepare_features(picked, tokenizer, max_length=max_length, stride=stride)
     chosen = torch.randperm(len(features), generator=generator)[:num_samples].tolist()
     lengths = features.lengths()
     chosen.sort(key=lambda i: (lengths[i], i))
