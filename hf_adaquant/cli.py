@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. quantization.iterations=50 (repeatable)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     q.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
+    q.add_argument("--work-dir", type=Path, default=None,
+                   help="checkpoint finished AdaQuant layers here; re-running with it resumes an interrupted run")
 
     e = sub.add_parser("evaluate", help="reload a checkpoint and run its recipe's evaluation")
     e.add_argument("dir", type=Path, help="checkpoint folder written by 'quantize'")
@@ -95,7 +97,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     built = build_model(recipe)
     calibration = build_calibration(recipe, built)
     _logger.info("quantizing %s with %d calibration batches", recipe.name, len(calibration))
-    qmodel = quantize(built.model, calibration, recipe.quantization)
+    qmodel = quantize(built.model, calibration, recipe.quantization, work_dir=args.work_dir)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # under torchrun / accelerate launch every rank quantizes; rank 0 writes
+        return {"output": str(output), "recipe": recipe.name, "rank": "non-main"}
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

@@ -48,8 +48,9 @@ class AdaQuantConfig(QuantizationConfigMixin):
         lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the layer's quantization step*
         (scale-free across layers); lr_bias and lr_zero_point are absolute (bias units, integer grid units).
         weight_deviation_limit: bound on ``|W' - W|`` in weight steps (None: unconstrained, as in the paper).
-        weight_rounding: "free" (the paper's continuous W') or "learned" (W' restricted to rounding each weight
-        up or down, AdaRound-style; far fewer effective degrees of freedom, for 2-3 bit weights), with
+        weight_rounding: "free" (the paper's continuous W'), "learned" (W' restricted to rounding each weight
+        up or down, AdaRound-style; far fewer effective degrees of freedom) or "auto" (learned for layers at
+        <= 3 weight bits, where free W' overfits; free otherwise), with
         rounding_regularization (weight of the push-to-0/1 term) and lr_rounding (Adam lr of the rounding logits).
         bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
 
@@ -95,7 +96,7 @@ class AdaQuantConfig(QuantizationConfigMixin):
     lr_act_scale: float = 1e-2
     lr_zero_point: float = 1e-2
     weight_deviation_limit: float | None = None
-    weight_rounding: str = "free"
+    weight_rounding: str = "auto"
     rounding_regularization: float = 0.01
     lr_rounding: float = 1e-1
     bn_tuning: bool = True
@@ -159,8 +160,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
         for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.weight_rounding not in ("free", "learned"):
-            raise ValueError(f"weight_rounding must be 'free' or 'learned', got {self.weight_rounding!r}")
+        if self.weight_rounding not in ("auto", "free", "learned"):
+            raise ValueError(f"weight_rounding must be 'auto', 'free' or 'learned', got {self.weight_rounding!r}")
         if not self.rounding_regularization >= 0 or not self.lr_rounding >= 0:
             raise ValueError("rounding_regularization and lr_rounding must be >= 0")
         if self.weight_deviation_limit is not None and not self.weight_deviation_limit > 0:

@@ -68,6 +68,11 @@ class AdaQuantQuantizer:
     def __init__(self, model: nn.Module, task: str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model)!r}")
+        from .nn import QModuleMixin
+
+        if any(isinstance(m, QModuleMixin) for m in model.modules()):
+            raise ValueError("the model is already quantized by hf_adaquant (e.g. an adaquant checkpoint loaded "
+                             "from the Hub); pass the float model")
         self.model = model.eval()
         self.task = task
         self.kind = model_kind(model)
@@ -114,7 +119,7 @@ class AdaQuantQuantizer:
 
     def get_calibration_dataset(self, dataset_name_or_path_or_list: Any, num_samples: int = 100, *,
                                 preprocess_function: Callable | None = None, split: str = "train",
-                                seed: int = 2016, dataset_config_name: str | None = None,
+                                seed: int = 0, dataset_config_name: str | None = None,
                                 preprocess_batch: bool = True, **load_kwargs: Any):
         """A ``datasets.Dataset`` of ``num_samples`` shuffled rows, mapped through ``preprocess_function``.
 

@@ -84,7 +84,11 @@ def markdown(data: dict) -> str:
         met = "" if target is None or not drop else f"<= {target} ({'met' if float(drop) <= target else 'MISSED'})"
         lines.append(f"| {name} | {m['exact_match']:.2f} | {m['f1']:.2f} | {drop} | {met} | "
                      f"{r.get('calibration_seconds', 0.0):.0f} | {r['eval_seconds']:.0f} |")
-    lines += ["", f"Measured on CPU with {data['threads']} thread(s); {data.get('note', '')}".rstrip(), ""]
+    presets = "; ".join(f"{k}: {json.dumps(v)}" for k, v in PIPELINE_PRESETS.items())
+    lines += ["", f"Pipeline presets ({presets}); calibration windows {data['calibration'].get('max_length')} "
+              f"tokens, stride {data['calibration'].get('stride')}. CPU, {data['threads']} thread, on a 2-core "
+              "machine shared with other jobs: the seconds are indicative only (see load_average_1min in the "
+              "json).", ""]
     return "\n".join(lines)
 
 
@@ -105,7 +109,12 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results files (squad_minilm<tag>.json)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.render:
+        path = RESULTS / f"squad_minilm{args.tag}.json"
+        write_atomic(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        return
     if set(args.eval_articles) & set(CALIBRATION_ARTICLES):
         raise SystemExit("evaluation articles must not overlap the calibration articles 0-39")
     torch.set_num_threads(args.threads)

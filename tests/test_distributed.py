@@ -124,6 +124,13 @@ def test_shard_batches_covers_every_sample_once() -> None:
     assert torch.equal(got, torch.arange(8.0))
     with pytest.raises(ValueError, match="cannot be split over 3 processes"):
         shard_batches([torch.zeros(2)], 0, 3)
+    # batches of one sample: whole batches are dealt out, still every sample exactly once
+    singles = [torch.tensor([float(i)]) for i in range(5)]
+    shards = [shard_batches(singles, r, 2) for r in range(2)]
+    got = torch.cat([torch.cat(s) for s in shards]).sort().values
+    assert torch.equal(got, torch.arange(5.0)) and all(shards)
+    with pytest.raises(ValueError, match="use larger batches"):
+        shard_batches([torch.zeros(2), torch.zeros(2)], 0, 3)
 
 
 # -------------------------------------------------------------------------------- resume / work dir

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -227,10 +226,26 @@ def test_bad_config_names_the_file(saved_tiny: Path, change, message: str) -> No
 def test_save_is_atomic_and_keeps_other_files(saved_tiny: Path) -> None:
     (saved_tiny / "tokenizer.json").write_text("{}")
     batches = make_batches(1, 8)
-    save_quantized(quantize(make_tiny_cnn(1, batches), batches, AdaQuantConfig(**LIGHT)), saved_tiny)
+    (saved_tiny / "model.safetensors").write_bytes(b"stale float weights")
+    (saved_tiny / "pytorch_model.bin").write_bytes(b"stale float weights")
+    second = quantize(make_tiny_cnn(1, batches), batches, AdaQuantConfig(**LIGHT))
+    save_quantized(second, saved_tiny)
     assert (saved_tiny / "tokenizer.json").exists()
+    # float weights next to the codes would load silently (as a float model) without hf_adaquant
+    assert not (saved_tiny / "model.safetensors").exists() and not (saved_tiny / "pytorch_model.bin").exists()
     assert not [p for p in saved_tiny.parent.iterdir() if p.name.startswith(".ck.")]  # no temp dir left
-    assert math.isfinite(_max_diff(load_quantized(saved_tiny, model=make_tiny_cnn()), make_tiny_cnn(), batches[0]))
+    assert _max_diff(load_quantized(saved_tiny, model=make_tiny_cnn()), second, batches[0]) <= 1e-6  # the new model
+
+
+def test_bad_weights_file_name_and_missing_local_path(saved_tiny: Path, tmp_path: Path) -> None:
+    path = saved_tiny / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["checkpoint_layout"]["weights_file"] = "../elsewhere.safetensors"
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weights_file must be a .safetensors file name"):
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_quantized(tmp_path / "no_such_dir", model=make_tiny_cnn())
 
 
 def test_unquantized_model_is_refused(tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["LayerReport", "layer_seed_salt", "optimize_layer", "run_adaquant"]
 
 _logger = logging.getLogger(__name__)
+# weight_rounding="auto": free W' (the paper's) down to 4 bits, learned rounding at 2-3 bits where free W'
+# overfits (ResNet-20 W2A4: 82.8 free vs 88.5 learned, benchmarks/results/core_resnet20_w2_learned.json).
+AUTO_LEARNED_ROUNDING_MAX_BITS = 3
 _EVAL_SAMPLES = 512  # MSE before/after is measured on at most this many cached samples...
 _EVAL_ELEMENTS = 1 << 24  # ...and at most this many output values (big early feature maps)
 
@@ -154,7 +157,9 @@ def optimize_layer(
     best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
     rounding = None
-    if config.weight_rounding == "learned" and config.iterations > 0:
+    learned = config.weight_rounding == "learned" or (
+        config.weight_rounding == "auto" and layer.weight_quantizer.bits <= AUTO_LEARNED_ROUNDING_MAX_BITS)
+    if learned and config.iterations > 0:
         rounding = LearnedRounding(layer.weight, layer.weight_quantizer)
         layer.weight_rounding = rounding
     groups = _param_groups(layer, config, rounding)

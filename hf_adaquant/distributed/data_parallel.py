@@ -41,14 +41,19 @@ def shard_batches(batches: Sequence[Batch], rank: int, world_size: int) -> list[
     total = sum(batch_size(b) for b in batches)
     if total < world_size:
         raise ValueError(f"{total} calibration samples cannot be split over {world_size} processes")
+    sizes = [batch_size(b) for b in batches]
+    if max(sizes) < world_size:
+        # Every batch is smaller than the world: slicing would leave rank 0 empty. Deal whole batches round-robin
+        # instead, the same rule on every rank, so each sample still belongs to exactly one rank.
+        if len(batches) < world_size:
+            raise ValueError(f"{len(batches)} calibration batches of at most {max(sizes)} samples cannot be split "
+                             f"over {world_size} processes; use larger batches")
+        return [b for i, b in enumerate(batches) if i % world_size == rank]
     shards = []
-    for b in batches:
-        n = batch_size(b)
+    for b, n in zip(batches, sizes):
         start, stop = n * rank // world_size, n * (rank + 1) // world_size
         if stop > start:
             shards.append(_slice(b, start, stop))
-    if not shards:  # tiny batches: give this rank whole batches instead
-        shards = [b for i, b in enumerate(batches) if i % world_size == rank] or [batches[0]]
     return shards
 
 

@@ -40,6 +40,9 @@ def _load_raw(source: Any, split: str, config_name: str | None, **kwargs: Any):
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"calibration dataset must be a name, a path, a datasets.Dataset or a list, got {type(source)!r}")
     path = Path(source)
+    if not path.exists() and (str(path).endswith(_JSON_SUFFIXES) or path.is_absolute()
+                              or str(source).startswith((".", "~"))):
+        raise FileNotFoundError(f"calibration dataset {str(source)!r}: no such file or folder")
     if path.is_file() and str(path).endswith(_JSON_SUFFIXES):
         return datasets.load_dataset("json", data_files=str(path), split="train", **kwargs)
     if path.is_dir():
@@ -54,7 +57,7 @@ def _load_raw(source: Any, split: str, config_name: str | None, **kwargs: Any):
 
 def load_calibration_dataset(source: Any, num_samples: int = 100, *, split: str = "train",
                              dataset_config_name: str | None = None, preprocess_function: Callable | None = None,
-                             preprocess_batch: bool = True, seed: int = 2016, **load_kwargs: Any):
+                             preprocess_batch: bool = True, seed: int = 0, **load_kwargs: Any):
     """A ``datasets.Dataset`` of at most ``num_samples`` rows, shuffled with ``seed``, then preprocessed.
 
     ``source``: a Hub dataset name, a local ``.json``/``.jsonl`` file, an image folder, a ``save_to_disk``

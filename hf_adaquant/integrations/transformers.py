@@ -69,6 +69,8 @@ class PackedQLayer(nn.Module):
 def _save_pretrained(model: nn.Module, save_directory: str, *args: Any, push_to_hub: bool = False,
                      **kwargs: Any) -> None:
     """``save_pretrained`` of an adaquant model: the compact checkpoint (push via ``hf_adaquant.hub``)."""
+    if not kwargs.pop("is_main_process", True):  # transformers' convention: only the main process writes
+        return
     save_quantized(model, save_directory)
     if push_to_hub:
         from ..hub import push_to_hub as hub_push  # another module owns the Hub upload and the model card

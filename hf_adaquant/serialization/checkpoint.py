@@ -32,6 +32,9 @@ _logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 _DIGEST_KEY = "hf_adaquant_sha256"
+# What transformers / timm load as float weights from a folder (sharded checkpoints need their index file).
+_FLOAT_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -117,6 +120,11 @@ def validate_layout(qconfig: Any, where: str) -> dict[str, Any]:
     for key in ("layers", "folded_batchnorms", "weights_file"):
         if key not in layout:
             raise CheckpointError(f"{where}: checkpoint_layout lacks {key!r}")
+    weights_file = layout["weights_file"]
+    if not isinstance(weights_file, str) or not weights_file.endswith(".safetensors") or \
+            Path(weights_file).name != weights_file or weights_file in (".", ".."):
+        raise CheckpointError(f"{where}: checkpoint_layout.weights_file must be a .safetensors file name in the "
+                              f"checkpoint folder, got {weights_file!r}")
     return layout
 
 
@@ -229,10 +237,12 @@ def save_quantized(qmodel: nn.Module, save_dir: str | os.PathLike, *, base_model
             # keep unrelated files (tokenizer, README) that callers put there
             for item in tmp.iterdir():
                 os.replace(item, save_dir / item.name)
-            stale = save_dir / "model.safetensors"
-            if stale.exists():
-                _logger.warning("%s: removing a float model.safetensors next to the quantized checkpoint", stale)
-                stale.unlink()
+            # float weights left there would load silently (as the float model) where hf_adaquant is not imported
+            for float_name in _FLOAT_WEIGHT_NAMES:
+                stale = save_dir / float_name
+                if stale.exists():
+                    _logger.warning("%s: removing float weights next to the quantized checkpoint", stale)
+                    stale.unlink()
             tmp.rmdir()
         else:
             os.replace(tmp, save_dir)
@@ -249,7 +259,11 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any
     local = Path(path_or_repo_id)
     if local.is_dir():
         return local
-    repo_id = str(path_or_repo_id).removeprefix("hf-hub:")
+    text = str(path_or_repo_id)
+    if local.exists() or local.is_absolute() or text.startswith((".", "~")) or text.endswith(("/", "\\")):
+        # a local path (a typo, or a file): asking the Hub about it would only give a confusing error
+        raise CheckpointError(f"{local}: checkpoint folder not found")
+    repo_id = text.removeprefix("hf-hub:")
     from huggingface_hub import snapshot_download
 
     allow = hub_kwargs.pop("allow_patterns", ["*.json", WEIGHTS_NAME, "*.txt", "*.model", "README.md"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,8 +15,6 @@ from .metric import Squad
 from .postprocess import postprocess_predictions
 
 __all__ = ["evaluate_squad_model", "predict_squad", "squad_logits"]
-
-_logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()

@@ -15,6 +15,10 @@ What is quantized, and why:
 * The first encoder layer (layer 0 query) gets **no** 8-bit exception: unlike a CNN's first conv, it reads the
   normalised embedding output, not raw input, and is as robust as the other projections.
 
+Activation ranges and the layer losses include the padded positions of the calibration batches (their hidden
+states are ordinary values computed from the real tokens); :func:`~hf_adaquant.tasks.squad.squad_calibration_batches`
+batches features by length so padding stays a small share.
+
 GELU follows ``intermediate.dense``: the layer-wise AdaQuant loss is the plain MSE on the pre-GELU output (only
 ReLU/ReLU6 are applied to both sides of the loss, as the engine detects them; no ReLU is assumed for GELU).
 """
