@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--variant", choices=["parallel", "sequential"], default="parallel",
                         help="parallel (FP inputs) captures many layers per pass: the fast choice on a CPU")
+    parser.add_argument("--bias-tuning-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -41,7 +42,9 @@ def main() -> None:
     calibration = [x_calib[i : i + 32] for i in range(0, len(x_calib), 32)]
     config = AdaQuantConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
                             pipeline=args.pipeline, iterations=args.iterations, variant=args.variant,
-                            max_step_elements=1 << 20, seed=args.seed)
+                            max_step_elements=1 << 20, seed=args.seed,
+                            # each bias-tuning step is a full forward+backward at 224x224: keep the demo short
+                            bias_tuning_steps=args.bias_tuning_steps)
 
     fp_top1 = evaluate_classifier(model, x_val, y_val)
     start = time.perf_counter()
