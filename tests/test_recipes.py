@@ -170,6 +170,18 @@ def test_factory_model_and_synthetic_calibration(tmp_path):
         build_model(load_recipe(_write(tmp_path, raw)))
 
 
+def test_random_init_model_is_the_same_on_every_build(tmp_path):
+    """Every rank of a distributed launch builds the recipe's model: random weights must not differ between them."""
+    recipe = load_recipe(_write(tmp_path, _base()))
+    torch.manual_seed(123)
+    first = build_model(recipe).model.weight.detach().clone()
+    torch.manual_seed(456)  # whatever the caller's RNG state
+    assert torch.equal(build_model(recipe).model.weight, first)
+    other_seed = _base()
+    other_seed["quantization"]["seed"] = 1
+    assert not torch.equal(build_model(load_recipe(_write(tmp_path, other_seed, "s.yaml"))).model.weight, first)
+
+
 @needs_shared
 def test_cifar_recipe_builds_model_and_calibration():
     recipe = load_recipe("cifar10-resnet20-w4a4", ["calibration.num_samples=150"])

@@ -52,6 +52,9 @@ def build_model(recipe: Recipe) -> BuiltModel:
     """Build (and load) the recipe's float model in eval mode."""
     spec, source = recipe.model, recipe.model["source"]
     tokenizer = None
+    # Randomly initialised parts (pretrained=False, new heads) must be the same on every run and on every rank
+    # of a distributed launch: otherwise each rank would quantize a different model.
+    torch.manual_seed(recipe.quantization.seed)
     if source == "timm":
         import timm
 
