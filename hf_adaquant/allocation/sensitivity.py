@@ -40,7 +40,7 @@ from ..config import AdaQuantConfig
 from ..nn import quantize_module
 from ..prepare.fold_bn import FoldResult
 from ..tuning.bias import _kl, output_tensors
-from ..utils.batches import Batch, _slice, batch_size, call_model, materialize_batches
+from ..utils.batches import Batch, batch_size, call_model, materialize_batches, slice_batch
 from ..utils.seeding import make_generator
 from .budget import build_problem, candidate_options, check_budget, policy_pins
 from .ilp import AllocationProblem, BitOption
@@ -109,7 +109,7 @@ class _Criterion:
                 if n <= 0:
                     break
                 if n < batch_size(batch):
-                    batch = _slice(batch, 0, n)
+                    batch = slice_batch(batch, 0, n)
                     if per_batch_labels is not None:
                         per_batch_labels[i] = per_batch_labels[i][:n]
             self.batches.append(batch)

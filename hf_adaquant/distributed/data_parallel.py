@@ -18,18 +18,10 @@ import torch
 from torch import nn
 
 from ..quant import RangeObserver
-from ..utils.batches import Batch, batch_size
+from ..utils.batches import Batch, batch_size, slice_batch
 from .context import DistributedContext, DistributedRunError
 
 __all__ = ["DataParallelSync", "shard_batches"]
-
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, dict):
-        return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
-    return type(batch)(v[start:stop] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
 
 
 def shard_batches(batches: Sequence[Batch], rank: int, world_size: int) -> list[Batch]:
@@ -53,7 +45,7 @@ def shard_batches(batches: Sequence[Batch], rank: int, world_size: int) -> list[
     for b, n in zip(batches, sizes):
         start, stop = n * rank // world_size, n * (rank + 1) // world_size
         if stop > start:
-            shards.append(_slice(b, start, stop))
+            shards.append(slice_batch(b, start, stop))
     return shards
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["Batch", "batch_size", "call_model", "materialize_batches", "split_batches", "to_device"]
+__all__ = ["Batch", "batch_size", "call_model", "materialize_batches", "slice_batch", "split_batches", "to_device"]
 
 Batch = Any
 
@@ -82,7 +82,8 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(batch)
 
 
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start:stop`` of a tensor, dict or tuple batch (0-d entries are kept as they are)."""
     if isinstance(batch, torch.Tensor):
         return batch[start:stop]
     if isinstance(batch, Mapping):
@@ -95,5 +96,5 @@ def split_batches(batches: list[Batch], max_size: int) -> list[Batch]:
     out: list[Batch] = []
     for batch in batches:
         n = batch_size(batch)
-        out.extend(_slice(batch, i, min(i + max_size, n)) for i in range(0, n, max_size))
+        out.extend(slice_batch(batch, i, min(i + max_size, n)) for i in range(0, n, max_size))
     return out
