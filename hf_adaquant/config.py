@@ -34,8 +34,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
     Bits and policy:
         weight_bits / activation_bits: default precision (2..8; ``activation_bits=None`` keeps activations float).
         first_last_bits: precision floor of the first and last quantized layers (None: no exception).
-        include / exclude: fnmatch patterns on layer names. layer_bits: ``{name: (w, a)}`` per-layer overrides
-        (what bit allocation produces).
+        include / exclude: fnmatch patterns on layer names. layer_bits: ``{name or pattern: (w, a)}`` per-layer
+        overrides (what bit allocation produces; e.g. ``{"*.conv_dw": (8, 8)}``; exact names win over patterns).
         weight_symmetric / activation_symmetric: zero-point fixed at 0.
         weight_range_method / activation_range_method: "minmax", "mean_minmax" (activations; the paper's),
         "mse" or "percentile".
@@ -204,9 +204,6 @@ class AdaQuantConfig(QuantizationConfigMixin):
     @property
     def has_budget(self) -> bool:
         return self.size_budget is not None or self.bops_budget is not None
-
-    def bits_for(self, name: str) -> tuple[int, int | None]:
-        return tuple(self.layer_bits.get(name, (self.weight_bits, self.activation_bits)))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields (in-memory calibration data is dropped, a tokenizer object becomes its name)."""

@@ -344,6 +344,14 @@ def test_layer_bits_overrides(tiny_layers) -> None:
         plan_layer_bits(tiny_layers, 4, 4, exclude=["pw"], overrides={"pw": (4, 4)})
 
 
+def test_layer_bits_patterns(tiny_layers) -> None:
+    # A pattern sets every matching layer; an exact name wins over a pattern whatever the key order.
+    plan = plan_layer_bits(tiny_layers, 4, 4, overrides={"conv2": (3, 4), "conv*": (6, 6), "?w": (8, 8)})
+    assert plan == {"conv1": (6, 6), "conv2": (3, 4), "dw": (8, 8), "pw": (8, 8), "fc": (8, 8)}
+    with pytest.raises(ValueError, match=r"pattern 'block\*' matches no quantized layer"):
+        plan_layer_bits(tiny_layers, 4, 4, overrides={"block*": (4, 4)})
+
+
 def test_policy_reaches_the_quantized_model(tiny_cnn: TinyCNN, calib_batches: list[torch.Tensor]) -> None:
     config = fast_config(pipeline="light", exclude=["pw"], layer_bits={"dw": (3, 6)}, first_last_bits=None)
     qmodel = quantize(tiny_cnn, calib_batches, config)

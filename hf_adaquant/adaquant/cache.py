@@ -19,7 +19,7 @@ from torch import nn
 
 from ..utils.batches import Batch, call_model
 
-__all__ = ["IOCache", "capture_layer_io", "capture_layers_io"]
+__all__ = ["IOCache", "capture_layer_io", "capture_layer_outputs", "capture_layers_io"]
 
 
 class _StopForward(Exception):
@@ -157,6 +157,11 @@ def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, o
     finally:
         handle.remove()
         model.train(was_training)
+
+
+def capture_layer_outputs(model: nn.Module, layer: str, batches: Sequence[Batch], on_output) -> None:
+    """Call ``on_output`` with ``layer``'s output for every batch; each forward stops right after the layer."""
+    _capture(model, layer, batches, None, on_output)
 
 
 def capture_layer_io(

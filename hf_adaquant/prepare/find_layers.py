@@ -87,6 +87,10 @@ def _matches(name: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or [])
 
 
+def _bits(bits: tuple[int, int | None]) -> tuple[int, int | None]:
+    return int(bits[0]), None if bits[1] is None else int(bits[1])
+
+
 def plan_layer_bits(
     layers: list[LayerInfo],
     weight_bits: int,
@@ -100,10 +104,11 @@ def plan_layer_bits(
     """``{layer name: (weight bits, activation bits)}`` for the layers to quantize, in execution order.
 
     Policy, applied in order: ``include`` patterns (fnmatch; default all) minus ``exclude`` patterns; the first
-    and last quantized layers at ``first_last_bits`` (None disables); then explicit per-layer ``overrides``.
+    and last quantized layers at ``first_last_bits`` (None disables); then per-layer ``overrides``, keyed by
+    layer name or by fnmatch pattern (``"*.conv_dw"``; exact names win over patterns).
 
     Raises:
-        ValueError: an override names an unknown layer, or no layer is left to quantize.
+        ValueError: an override names an unknown layer or a pattern matches none, or no layer is left to quantize.
     """
     selected = [l.name for l in layers if (include is None or _matches(l.name, include))
                 and not _matches(l.name, exclude)]
@@ -115,9 +120,21 @@ def plan_layer_bits(
         for name in {selected[0], selected[-1]}:
             abits = None if activation_bits is None else max(first_last_bits, activation_bits)
             plan[name] = (max(first_last_bits, weight_bits), abits)
-    for name, bits in (overrides or {}).items():
+    overrides = overrides or {}
+    # Glob patterns ("*.conv_dw") first, so that an exact layer name always wins over a pattern.
+    patterns = [k for k in overrides if k not in plan and any(c in k for c in "*?[")]
+    for pattern in patterns:
+        matched = [name for name in plan if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"per-layer bits pattern {pattern!r} matches no quantized layer; "
+                             f"quantized layers: {list(plan)}")
+        for name in matched:
+            plan[name] = _bits(overrides[pattern])
+    for name, bits in overrides.items():
+        if name in patterns:
+            continue
         if name not in plan:
             raise ValueError(f"per-layer bits given for {name!r}, which is not a quantized layer; "
                              f"quantized layers: {list(plan)}")
-        plan[name] = (int(bits[0]), None if bits[1] is None else int(bits[1]))
+        plan[name] = _bits(bits)
     return plan

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adaquant.cache import capture_layer_io
+from ..adaquant.cache import capture_layer_outputs
 from ..calibrate import qmodules
 from ..utils.batches import Batch, call_model
 from ..utils.seeding import make_generator
@@ -25,6 +25,39 @@ def _channel_mean(t: torch.Tensor, conv: bool) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).mean(dim=0)
 
 
+class _ChannelMean:
+    """Running per-output-channel mean of a layer's outputs (float32 per batch, float64 across batches)."""
+
+    def __init__(self, conv: bool) -> None:
+        self.conv, self.total, self.count = conv, None, 0
+
+    def add(self, out: torch.Tensor) -> None:
+        n = out.numel() // (out.shape[1] if self.conv else out.shape[-1])
+        s = _channel_mean(out.detach().float(), self.conv).double() * n
+        self.total = s if self.total is None else self.total + s
+        self.count += n
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+@torch.no_grad()
+def _fp_channel_means(fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch],
+                      conv: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """Output channel means of every named layer of the FP model, all from one pass over ``batches``."""
+    means = {name: _ChannelMean(conv[name]) for name in layer_names}
+    handles = [fp_model.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, acc=means[name]: acc.add(out)) for name in layer_names]
+    try:
+        for batch in batches:
+            call_model(fp_model.eval(), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: acc.mean for name, acc in means.items()}
+
+
 @torch.no_grad()
 def correct_bias(
     qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch], *,
@@ -33,21 +66,17 @@ def correct_bias(
     """Shift each layer's bias by the mean per-channel error of its output, in execution order.
 
     Each layer sees inputs from the already-corrected quantized prefix, so corrections do not double count.
-    Returns the mean absolute shift per layer.
+    The FP targets take one pass for all layers; each layer then costs one quantized forward that stops right
+    after it. Returns the mean absolute shift per layer.
     """
+    conv = {name: qmodel.get_submodule(name).weight.dim() == 4 for name in layer_names}
+    fp_means = _fp_channel_means(fp_model, layer_names, batches, conv)
     shifts: dict[str, float] = {}
     for name in tqdm(layer_names, desc="bias correction", disable=not progress, leave=False):
         layer = qmodel.get_submodule(name)
-        cache = capture_layer_io(qmodel, fp_model, name, batches, dtype=torch.float32)
-        conv = layer.weight.dim() == 4
-        total, count = None, 0
-        for x, y in cache.iterate(256):
-            x, y = x.to(layer.weight.device), y.to(layer.weight.device)
-            err = _channel_mean(y - layer(x), conv) * len(x)
-            total = err if total is None else total + err
-            count += len(x)
-        cache.cleanup()
-        delta = total / count
+        q_mean = _ChannelMean(conv[name])
+        capture_layer_outputs(qmodel, name, batches, q_mean.add)
+        delta = (fp_means[name] - q_mean.mean).to(layer.bias.dtype).to(layer.bias.device)
         layer.bias.add_(delta)
         shifts[name] = delta.abs().mean().item()
     return shifts

@@ -34,13 +34,23 @@ def measure_output_stats(
     fp_model: nn.Module, names: list[str], batches: Sequence[Batch]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel ``(std, mean)`` of each named conv's output in ``fp_model`` over ``batches`` (one pass)."""
-    sums: dict[str, list[torch.Tensor]] = {}
+    # Per batch: float32 var_mean (two-pass, cheap); across batches: Chan et al.'s pairwise merge in float64,
+    # so neither a large mean nor thousands of batches cost precision.
+    acc: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (mean, M2 = sum of squared deviations, n)
 
     def make_hook(name: str):
         def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            flat = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
-            acc = sums.setdefault(name, [torch.zeros(out.shape[1], dtype=torch.float64)] * 2 + [0])
-            sums[name] = [acc[0] + flat.sum(1).cpu(), acc[1] + flat.pow(2).sum(1).cpu(), acc[2] + flat.shape[1]]
+            out = out.detach().float()
+            var, mean = torch.var_mean(out, dim=[d for d in range(out.dim()) if d != 1], correction=0)
+            n_b = out.numel() // out.shape[1]
+            mean, m2 = mean.double().cpu(), var.double().cpu() * n_b
+            if name not in acc:
+                acc[name] = (mean, m2, n_b)
+                return
+            mean_a, m2_a, n_a = acc[name]
+            n = n_a + n_b
+            delta = mean - mean_a
+            acc[name] = (mean_a + delta * (n_b / n), m2_a + m2 + delta.pow(2) * (n_a * n_b / n), n)
         return hook
 
     handles = [fp_model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
@@ -50,12 +60,7 @@ def measure_output_stats(
     finally:
         for h in handles:
             h.remove()
-    stats = {}
-    for name, (s1, s2, n) in sums.items():
-        mean = s1 / n
-        std = (s2 / n - mean.pow(2)).clamp(min=0).sqrt()
-        stats[name] = (std.float(), mean.float())
-    return stats
+    return {name: (m2.div(n).clamp(min=0).sqrt().float(), mean.float()) for name, (mean, m2, n) in acc.items()}
 
 
 def _insert_bn(layer: QConv2d, target: tuple[torch.Tensor, torch.Tensor]) -> None:
