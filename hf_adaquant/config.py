@@ -45,7 +45,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
         + bias tuning). variant: AdaQuant inputs from the quantized prefix ("sequential") or from the FP model
         ("parallel"). iterations / batch_size: AdaQuant steps per layer and samples per step; layers with large
         feature maps take fewer samples per step so one step handles at most ``max_step_elements`` output values.
-        lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the layer's quantization step*
+        lr_weight / lr_weight_scale / lr_act_scale: Adam learning rates *relative to the quantization step* (each
+        output channel's own step for W' and the weight step)
         (scale-free across layers); lr_bias and lr_zero_point are absolute (bias units, integer grid units).
         weight_deviation_limit: bound on ``|W' - W|`` in weight steps (None: unconstrained, as in the paper).
         weight_rounding: "free" (the paper's continuous W'), "learned" (W' restricted to rounding each weight

@@ -273,3 +273,26 @@ def test_capture_raises_when_layer_does_not_run() -> None:
     model = Net()
     with pytest.raises(RuntimeError, match="did not run"):
         capture_layer_io(model, model, "unused", [torch.randn(2, 3, 4, 4)])
+
+
+def test_weight_learning_rates_are_per_channel_steps() -> None:
+    """W' and the weight steps move in units of each channel's own step (folded BNs leave steps far apart)."""
+    from hf_adaquant.nn import quantize_module
+
+    layer = quantize_module(nn.Linear(4, 2), 4, None)
+    with torch.no_grad():
+        layer.weight_quantizer.scale.copy_(torch.tensor([1e-3, 1e-1]))
+    groups = layerwise._param_groups(layer, fast_config(lr_weight=1e-2, lr_weight_scale=1e-2), None)
+    optimizer = torch.optim.Adam(groups)
+    per_channel = layerwise._PerChannelSteps(layer)
+    w0, s0 = layer.weight.detach().clone(), layer.weight_quantizer.scale.detach().clone()
+    layer.weight.grad = torch.ones_like(layer.weight)
+    layer.weight_quantizer.scale.grad = torch.ones_like(s0)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    per_channel.before_step()
+    optimizer.step()
+    per_channel.after_step()
+    moved = (w0 - layer.weight.detach()).abs()
+    # Adam's first step moves every element by lr: here 1e-2 of its channel's step, whatever that step is.
+    torch.testing.assert_close(moved, 1e-2 * s0[:, None].expand_as(moved), rtol=1e-2, atol=0)  # float32 of W
+    torch.testing.assert_close(s0 - layer.weight_quantizer.scale.detach(), 1e-2 * s0, rtol=1e-4, atol=0)
