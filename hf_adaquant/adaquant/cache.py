@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from ..utils.batches import Batch, call_model
 
-__all__ = ["IOCache", "capture_layer_io", "capture_layer_outputs", "capture_layers_io"]
+__all__ = ["IOCache", "capture_layer_io", "capture_layer_outputs", "capture_layers_io", "observe_outputs"]
 
 
 class _StopForward(Exception):
@@ -157,6 +157,20 @@ def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, o
     finally:
         handle.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def observe_outputs(model: nn.Module, layers: Sequence[str], batches: Sequence[Batch],
+                    on_output: Callable[[str, torch.Tensor], None]) -> None:
+    """Full forward passes over ``batches`` calling ``on_output(name, output)`` for each named layer (mode kept)."""
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: on_output(name, out)) for name in layers]
+    try:
+        for batch in batches:
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_layer_outputs(model: nn.Module, layer: str, batches: Sequence[Batch], on_output) -> None:

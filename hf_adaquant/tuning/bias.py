@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adaquant.cache import capture_layer_outputs
+from ..adaquant.cache import capture_layer_outputs, observe_outputs
 from ..calibrate import qmodules
 from ..utils.batches import Batch, call_model
 from ..utils.seeding import make_generator
@@ -47,14 +47,7 @@ def _fp_channel_means(fp_model: nn.Module, layer_names: Sequence[str], batches: 
                       conv: dict[str, bool]) -> dict[str, torch.Tensor]:
     """Output channel means of every named layer of the FP model, all from one pass over ``batches``."""
     means = {name: _ChannelMean(conv[name]) for name in layer_names}
-    handles = [fp_model.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, acc=means[name]: acc.add(out)) for name in layer_names]
-    try:
-        for batch in batches:
-            call_model(fp_model.eval(), batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_outputs(fp_model.eval(), layer_names, batches, lambda name, out: means[name].add(out))
     return {name: acc.mean for name, acc in means.items()}
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adaquant.cache import observe_outputs
 from ..calibrate import qmodules
 from ..nn import QConv2d
 from ..utils.batches import Batch, call_model
@@ -38,28 +39,20 @@ def measure_output_stats(
     # so neither a large mean nor thousands of batches cost precision.
     acc: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (mean, M2 = sum of squared deviations, n)
 
-    def make_hook(name: str):
-        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            out = out.detach().float()
-            var, mean = torch.var_mean(out, dim=[d for d in range(out.dim()) if d != 1], correction=0)
-            n_b = out.numel() // out.shape[1]
-            mean, m2 = mean.double().cpu(), var.double().cpu() * n_b
-            if name not in acc:
-                acc[name] = (mean, m2, n_b)
-                return
-            mean_a, m2_a, n_a = acc[name]
-            n = n_a + n_b
-            delta = mean - mean_a
-            acc[name] = (mean_a + delta * (n_b / n), m2_a + m2 + delta.pow(2) * (n_a * n_b / n), n)
-        return hook
+    def add(name: str, out: torch.Tensor) -> None:
+        out = out.detach().float()
+        var, mean = torch.var_mean(out, dim=[d for d in range(out.dim()) if d != 1], correction=0)
+        n_b = out.numel() // out.shape[1]
+        mean, m2 = mean.double().cpu(), var.double().cpu() * n_b
+        if name not in acc:
+            acc[name] = (mean, m2, n_b)
+            return
+        mean_a, m2_a, n_a = acc[name]
+        n = n_a + n_b
+        delta = mean - mean_a
+        acc[name] = (mean_a + delta * (n_b / n), m2_a + m2 + delta.pow(2) * (n_a * n_b / n), n)
 
-    handles = [fp_model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
-    try:
-        for batch in batches:
-            call_model(fp_model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_outputs(fp_model, names, batches, add)
     return {name: (m2.div(n).clamp(min=0).sqrt().float(), mean.float()) for name, (mean, m2, n) in acc.items()}
 
 
@@ -106,13 +99,8 @@ def tune_batchnorm(
         return []
     fp_model = fp_model.eval() if fp_model is not None else None
     counts: dict[str, int] = {}
-    handles = [m.register_forward_hook(lambda mod, a, out, n=n: counts.__setitem__(n, out[0].numel()
-               // out.shape[1] * out.shape[0])) for n, m in layers.items()]
-    try:
-        call_model(model.eval(), batches[0])
-    finally:
-        for h in handles:
-            h.remove()
+    observe_outputs(model.eval(), list(layers), batches[:1],
+                    lambda n, out: counts.__setitem__(n, out[0].numel() // out.shape[1] * out.shape[0]))
     total = len(batches)  # batches are of similar size: values per channel ~ first batch's count x batches
     layers = {n: m for n, m in layers.items() if counts.get(n, 0) * total >= MIN_VALUES_PER_CHANNEL}
     if not layers:
