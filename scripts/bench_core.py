@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +76,40 @@ def load(model_name: str, num_calib: int):
     raise SystemExit(f"unknown model {model_name!r}")
 
 
+class StageRss:
+    """Peak resident memory per pipeline stage: a thread samples /proc/self/statm while ``quantize`` runs."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.samples.append((time.perf_counter(), int(f.read().split()[1]) * self._page))
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> "StageRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_stage(self, start: float, stage_seconds: dict[str, float]) -> dict[str, float]:
+        """Peak MiB of the samples inside each stage (stages run back to back in ``stage_seconds`` order)."""
+        peaks, begin = {}, start
+        for stage, seconds in stage_seconds.items():
+            inside = [rss for t, rss in self.samples if begin <= t <= begin + seconds]
+            if inside:
+                peaks[stage] = round(max(inside) / 2**20)
+            begin += seconds
+        return peaks
+
+
 def run_single(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, calib, x_ev, y_ev = load(args.model, args.calib)
@@ -88,10 +123,12 @@ def run_single(args: argparse.Namespace) -> dict:
         overrides = json.loads(args.config) if args.config else {}
         config = AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=args.seed, progress=False,
                                 **{**METHODS[args.method], **overrides})
-        start = time.perf_counter()
-        qmodel = quantize(model, calib, config)
-        result["seconds"] = time.perf_counter() - start
+        with StageRss() as rss:
+            start = time.perf_counter()
+            qmodel = quantize(model, calib, config)
+            result["seconds"] = time.perf_counter() - start
         result["stage_seconds"] = qmodel.hf_adaquant_report.stage_seconds
+        result["stage_peak_rss_mib"] = rss.by_stage(start, result["stage_seconds"])
         result["config"] = config.to_dict()
         size = model_size(qmodel)
         result["size_ratio"] = size.ratio

@@ -378,3 +378,13 @@ def test_depthwise_conv_is_quantized(tiny_cnn: TinyCNN, calib_batches: list[torc
     with torch.no_grad():
         expected = F.conv2d(dw.input_quantizer(x), wq, dw.bias, padding=1, groups=16)
         assert torch.allclose(dw(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Linear(4, 2)])
+def test_quantized_module_follows_the_float_layer_device(module: nn.Module) -> None:
+    # GPU models: quantizer steps created on the CPU would meet CUDA weights in the first forward.
+    from hf_adaquant.nn import quantize_module
+
+    qlayer = quantize_module(module.to("meta"), 4, 8)
+    devices = {t.device.type for t in list(qlayer.parameters()) + list(qlayer.buffers())}
+    assert devices == {"meta"}

@@ -108,4 +108,5 @@ def quantize_module(module: nn.Module, weight_bits: int, activation_bits: int | 
     if qcls is None:
         raise TypeError(f"no quantized module registered for {type(module).__name__}; known: "
                         f"{[t.__name__ for t in QMODULES]}")
-    return qcls.from_float(module, weight_bits, activation_bits, **kwargs)
+    # The quantizers' steps are created on the CPU: follow the float layer onto its device (GPU models).
+    return qcls.from_float(module, weight_bits, activation_bits, **kwargs).to(module.weight.device)

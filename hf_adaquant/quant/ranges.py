@@ -40,7 +40,7 @@ def minmax_range(x: torch.Tensor, **_: object) -> tuple[torch.Tensor, torch.Tens
 def percentile_range(
     x: torch.Tensor, percentile: float = 99.99, **_: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float32)
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float32, device=x.device)
     bounds = torch.quantile(x.float(), q, dim=1)  # quantile() is limited to 16M elements: callers subsample
     return bounds[0], bounds[1]
 
