@@ -77,10 +77,11 @@ def load(model_name: str, num_calib: int):
 
 
 class StageRss:
-    """Peak resident memory per pipeline stage: a thread samples /proc/self/statm while ``quantize`` runs."""
+    """Peak resident memory per pipeline stage: a thread samples /proc/self/statm every ``interval`` seconds."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.samples: list[tuple[float, int]] = []
+        self._interval = interval
         self._page = os.sysconf("SC_PAGE_SIZE")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -89,7 +90,7 @@ class StageRss:
         while not self._stop.is_set():
             with open("/proc/self/statm") as f:
                 self.samples.append((time.perf_counter(), int(f.read().split()[1]) * self._page))
-            self._stop.wait(0.2)
+            self._stop.wait(self._interval)
 
     def __enter__(self) -> "StageRss":
         self._thread.start()
@@ -151,6 +152,11 @@ def _git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def merge_row(rows: list[dict], row: dict) -> list[dict]:
+    """``rows`` with ``row`` replacing any earlier row of the same (method, setting)."""
+    return [r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row]
+
+
 def write_tables(model: str, rows: list[dict]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:  # evaluate's format (accuracy as a fraction) next to the historical top1 (percent)
@@ -198,7 +204,7 @@ def main() -> None:
         row = json.loads(line[len("RESULT "):])
         row["load_average_1min"] = os.getloadavg()[0]  # timings are only comparable on an idle machine
         row["commit"] = _git_commit()
-        rows = [r for r in rows if (r["method"], r["setting"]) != (method, setting)] + [row]
+        rows = merge_row(rows, row)
         print(f"{args.model:18s} {method:9s} {setting:5s} top1={row.get('top1', float('nan')):.2f} "
               f"t={row['seconds']:.1f}s rss={row['peak_rss_mib']:.0f}MiB", flush=True)
         write_tables(args.model + args.tag, rows)

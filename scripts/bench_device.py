@@ -10,8 +10,8 @@ only the evaluation images, scores every saved model and merges the rows into
 Usage (``$HF_ADAQUANT_SHARED`` points at a folder laid out like ``../shared``):
     python scripts/bench_device.py quantize --runs advanced:W4A8 light:W4A4 --save-dir qmodels --budget-s 420
     python scripts/bench_device.py evaluate --save-dir qmodels --tag _gpu
-A run is ``method:setting`` or ``method:setting:name`` plus ``--config-<name> JSON`` overrides, e.g.
-``advanced:W4A8:seq`` with ``--extra seq='{"variant":"sequential"}'``.
+A run is ``method:setting``, or ``method:setting:name`` with that name's config overrides given by ``--extra``,
+e.g. ``advanced:W4A8:seq`` with ``--extra seq='{"variant":"sequential"}'``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import METHODS, RESULTS, _git_commit, parse_setting, write_tables  # noqa: E402
+from bench_core import METHODS, RESULTS, _git_commit, merge_row, parse_setting, write_tables  # noqa: E402
 
 from hf_adaquant import AdaQuantConfig, quantize  # noqa: E402
 from hf_adaquant.data import efficientnet_lite0_transform, load_imagenet_tensors, shared_dir  # noqa: E402
@@ -93,7 +93,7 @@ def evaluate_phase(args: argparse.Namespace) -> None:
         saved = torch.load(path, map_location=device, weights_only=False)
         row = saved["row"]
         row["top1"] = evaluate_classifier(saved["model"].to(device), x_ev, y_ev, batch_size=250)
-        rows = [r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row]
+        rows = merge_row(rows, row)
         print(f"RESULT {row['method']:14s} {row['setting']} top1={row['top1']:.2f} t={row['seconds']:.1f}s",
               flush=True)
     write_tables(f"efficientnet_lite0{args.tag}", rows)

@@ -48,11 +48,14 @@ class QModuleMixin:
 
     def _init_quantizers(self, weight_bits: int, activation_bits: int | None, weight_symmetric: bool,
                          activation_symmetric: bool) -> None:
+        # Quantizers are built on the CPU: put their steps beside the weights (GPU models).
+        device = self.weight.device
         self.weight_quantizer = Quantizer(
             weight_bits, symmetric=weight_symmetric, channel_axis=0, num_channels=self.weight.shape[0]
-        )
+        ).to(device)
         self.input_quantizer = (
-            Quantizer(activation_bits, symmetric=activation_symmetric) if activation_bits is not None else None
+            Quantizer(activation_bits, symmetric=activation_symmetric).to(device)
+            if activation_bits is not None else None
         )
         self.output_activation: str | None = None
         self.bn_target: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -108,5 +111,4 @@ def quantize_module(module: nn.Module, weight_bits: int, activation_bits: int | 
     if qcls is None:
         raise TypeError(f"no quantized module registered for {type(module).__name__}; known: "
                         f"{[t.__name__ for t in QMODULES]}")
-    # The quantizers' steps are created on the CPU: follow the float layer onto its device (GPU models).
-    return qcls.from_float(module, weight_bits, activation_bits, **kwargs).to(module.weight.device)
+    return qcls.from_float(module, weight_bits, activation_bits, **kwargs)
