@@ -54,6 +54,11 @@ class AdaQuantConfig(QuantizationConfigMixin):
         <= 3 weight bits, where free W' overfits; free otherwise), with
         rounding_regularization (weight of the push-to-0/1 term) and lr_rounding (Adam lr of the rounding logits).
         bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
+        bias_correction_method: "single_pass" (every layer corrected inside one quantized pass per batch, with a
+        running average across batches) or "per_layer" (exact, one pass per layer: cost grows with depth squared).
+        bias_tuning_steps / bias_tuning_lr / bias_tuning_batch_size: Adam steps, rate and samples per step;
+        bias_tuning_max_elements bounds the layer outputs one backward pass holds (a step whose batch would exceed
+        it accumulates its gradient over slices: same gradient, bounded memory).
 
     Bit allocation (integer programming; active when a budget is set):
         size_budget (+ size_budget_unit "fraction" of FP32 weight size, "bits" or "bytes") and/or bops_budget
@@ -102,10 +107,12 @@ class AdaQuantConfig(QuantizationConfigMixin):
     lr_rounding: float = 1e-1
     bn_tuning: bool = True
     bias_correction: bool = True
+    bias_correction_method: str = "single_pass"
     bias_tuning: bool = True
     bias_tuning_steps: int = 200
     bias_tuning_lr: float = 1e-4
     bias_tuning_batch_size: int = 32
+    bias_tuning_max_elements: int = 1 << 28
     size_budget: float | None = None
     size_budget_unit: str = "fraction"
     bops_budget: float | None = None
@@ -154,13 +161,17 @@ class AdaQuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be one of {methods}, got {getattr(self, name)!r}")
         if self.weight_range_method == "mean_minmax":
             raise ValueError("weight_range_method 'mean_minmax' is for activations; use 'minmax' or 'mse'")
-        for name in ("iterations", "batch_size", "max_step_elements", "bias_tuning_steps", "bias_tuning_batch_size"):
+        for name in ("iterations", "batch_size", "max_step_elements", "bias_tuning_steps", "bias_tuning_batch_size",
+                     "bias_tuning_max_elements"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name in ("batch_size", "max_step_elements", "bias_tuning_batch_size") else 0):
-                raise ValueError(f"{name} must be a non-negative integer (batch sizes >= 1), got {value!r}")
+            if not isinstance(value, int) or value < (0 if name in ("iterations", "bias_tuning_steps") else 1):
+                raise ValueError(f"{name} must be a non-negative integer (batch sizes and element limits >= 1), got {value!r}")
         for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.bias_correction_method not in ("single_pass", "per_layer"):
+            raise ValueError("bias_correction_method must be 'single_pass' or 'per_layer', "
+                             f"got {self.bias_correction_method!r}")
         if self.weight_rounding not in ("auto", "free", "learned"):
             raise ValueError(f"weight_rounding must be 'auto', 'free' or 'learned', got {self.weight_rounding!r}")
         if not self.rounding_regularization >= 0 or not self.lr_rounding >= 0:

@@ -24,7 +24,7 @@ from .distributed import is_main_process
 from .nn import quantize_module
 from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
 from .prepare.fold_bn import FoldResult
-from .tuning import correct_bias, tune_batchnorm, tune_bias
+from .tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 from .utils.batches import Batch, batch_size, materialize_batches, split_batches
 from .utils.seeding import seed_everything
 
@@ -153,12 +153,16 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         report.bn_tuned_layers = tune_batchnorm(qmodel, batches, fp_model=fp_model, progress=config.progress)
         lap("bn_tuning")
     if config.pipeline == "light" and config.bias_correction:
-        correct_bias(qmodel, fp_model, layer_names, batches, progress=config.progress)
+        correct_bias(qmodel, fp_model, layer_names, batches, method=config.bias_correction_method,
+                     progress=config.progress)
         lap("bias_correction")
     if config.pipeline == "advanced" and config.bias_tuning and config.bias_tuning_steps > 0:
         micro_batches = split_batches(batches, config.bias_tuning_batch_size)
+        per_sample = activation_elements_per_sample(qmodel, micro_batches[0])
         report.bias_tuning_kl = tune_bias(qmodel, fp_model, micro_batches, steps=config.bias_tuning_steps,
-                                          lr=config.bias_tuning_lr, seed=config.seed, progress=config.progress)
+                                          lr=config.bias_tuning_lr, seed=config.seed,
+                                          max_backprop_samples=max(1, config.bias_tuning_max_elements // per_sample),
+                                          progress=config.progress)
         lap("bias_tuning")
     qmodel.eval()
     for p in qmodel.parameters():

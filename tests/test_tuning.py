@@ -12,7 +12,7 @@ from torch import nn
 
 from hf_adaquant import prepare_model, quantize
 from hf_adaquant.calibrate import qmodules
-from hf_adaquant.tuning import correct_bias, tune_batchnorm, tune_bias
+from hf_adaquant.tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 
 BN_CONVS = ["conv1", "conv2", "dw", "pw"]
 
@@ -145,20 +145,53 @@ def _channel_errors(qmodel, fp, names, batches) -> dict[str, torch.Tensor]:
     return {n: _channel_mean(fp_out[n] - q_out[n]) for n in names}
 
 
-def test_bias_correction_reduces_mean_channel_error(low_bit_naive, calib_batches) -> None:
+@pytest.mark.parametrize("method", ["per_layer", "single_pass"])
+def test_bias_correction_reduces_mean_channel_error(low_bit_naive, calib_batches, method) -> None:
     qmodel, fp, _ = low_bit_naive
     before = _channel_errors(qmodel, fp, TINY_CNN_LAYERS, calib_batches)
     weights_before = {n: qmodel.get_submodule(n).weight.detach().clone() for n in TINY_CNN_LAYERS}
-    shifts = correct_bias(qmodel, fp, TINY_CNN_LAYERS, calib_batches)
+    shifts = correct_bias(qmodel, fp, TINY_CNN_LAYERS, calib_batches, method=method)
     after = _channel_errors(qmodel, fp, TINY_CNN_LAYERS, calib_batches)
     assert list(shifts) == TINY_CNN_LAYERS and all(v > 0 for v in shifts.values())
     for n in TINY_CNN_LAYERS:
         assert after[n].abs().mean() < 0.5 * before[n].abs().mean(), n
-        # Every layer is corrected given the corrected prefix, so its mean error vanishes (fp32 cache).
-        assert after[n].abs().max() < 1e-4, n
+        if method == "per_layer":
+            # Every layer is corrected given the corrected prefix, so its mean error vanishes (fp32 cache).
+            assert after[n].abs().max() < 1e-4, n
         assert torch.equal(qmodel.get_submodule(n).weight.detach(), weights_before[n])
-    # The first layer's shift is exactly its mean error before correction.
+    # The first layer's shift is exactly its mean error before correction (no prefix to wait for).
     assert shifts["conv1"] == pytest.approx(before["conv1"].abs().mean().item(), rel=1e-3)
+
+
+def test_single_pass_bias_correction_is_exact_on_one_batch(low_bit_naive, calib_batches) -> None:
+    """With one batch, correcting inside the forward sees exactly the corrected prefix: same as per layer."""
+    qmodel, fp, _ = low_bit_naive
+    one_batch = [torch.cat(calib_batches)]
+    per_layer, single = copy.deepcopy(qmodel), copy.deepcopy(qmodel)
+    correct_bias(per_layer, fp, TINY_CNN_LAYERS, one_batch, method="per_layer")
+    correct_bias(single, fp, TINY_CNN_LAYERS, one_batch, method="single_pass")
+    for n in TINY_CNN_LAYERS:
+        a, b = per_layer.get_submodule(n).bias, single.get_submodule(n).bias
+        assert not torch.equal(a, qmodel.get_submodule(n).bias), n
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), n
+
+
+def test_single_pass_bias_correction_close_to_per_layer(low_bit_naive, calib_batches) -> None:
+    """Over several batches the running average leaves a small residual: far below the uncorrected error."""
+    qmodel, fp, _ = low_bit_naive
+    before = _channel_errors(qmodel, fp, TINY_CNN_LAYERS, calib_batches)
+    correct_bias(qmodel, fp, TINY_CNN_LAYERS, calib_batches, method="single_pass")
+    after = _channel_errors(qmodel, fp, TINY_CNN_LAYERS, calib_batches)
+    for n in TINY_CNN_LAYERS:
+        assert after[n].abs().mean() < 0.1 * before[n].abs().mean(), n
+
+
+def test_bias_correction_method_is_checked(low_bit_naive, calib_batches) -> None:
+    qmodel, fp, _ = low_bit_naive
+    with pytest.raises(ValueError, match="single_pass"):
+        correct_bias(qmodel, fp, TINY_CNN_LAYERS, calib_batches, method="exact")
+    with pytest.raises(ValueError, match="bias_correction_method"):
+        fast_config(bias_correction_method="exact")
 
 
 def test_light_pipeline_output_closer_than_naive(tiny_cnn, calib_batches) -> None:
@@ -213,6 +246,28 @@ def test_tune_bias_changes_only_biases_and_lowers_kl(low_bit_naive, calib_batche
     assert changed and changed <= bias_names
     assert {n: p.requires_grad for n, p in qmodel.named_parameters()} == requires
     assert all(p.grad is None for p in qmodel.parameters())
+
+
+def test_tune_bias_slices_give_the_same_gradient(low_bit_naive, calib_batches) -> None:
+    """Accumulating over slices of 3 samples (bounded memory) trains the same biases as whole batches of 16."""
+    qmodel, fp, _ = low_bit_naive
+    whole, sliced = copy.deepcopy(qmodel), copy.deepcopy(qmodel)
+    kl_whole = tune_bias(whole, fp, calib_batches, steps=8, lr=1e-2, seed=0)
+    kl_sliced = tune_bias(sliced, fp, calib_batches, steps=8, lr=1e-2, seed=0, max_backprop_samples=3)
+    assert kl_sliced == pytest.approx(kl_whole, rel=1e-4)
+    for name in qmodules(qmodel):
+        start = qmodel.get_submodule(name).bias
+        moved_whole = whole.get_submodule(name).bias - start
+        moved_sliced = sliced.get_submodule(name).bias - start
+        assert moved_whole.abs().max() > 1e-3, name
+        assert torch.allclose(moved_sliced, moved_whole, atol=1e-5), name
+
+
+def test_activation_elements_per_sample_counts_layer_outputs() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    batch = torch.randn(6, 3, 8, 8)
+    # conv 4x8x8, relu 4x8x8, flatten 256, linear 5 values per sample
+    assert activation_elements_per_sample(model, batch) == 256 * 3 + 5
 
 
 def test_tune_bias_keeps_biases_when_it_cannot_improve(low_bit_naive, calib_batches) -> None:

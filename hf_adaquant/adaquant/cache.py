@@ -87,7 +87,7 @@ class IOCache:
         self.sizes = torch.tensor([float(o[-1]) for o in self.offsets], dtype=torch.float64)
         return self
 
-    def _gather(self, group: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, group: int, idx: torch.Tensor, targets: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         xs, ys = [], []
         offsets = self.offsets[group]
         for k, chunk_id in enumerate(self.groups[group]):
@@ -95,8 +95,12 @@ class IOCache:
             local = idx[(idx >= start) & (idx < stop)] - start
             if len(local):
                 xs.append(_Store.take(self.x.chunks[chunk_id], local))
-                ys.append(_Store.take(self.y.chunks[chunk_id], local))
-        return torch.cat(xs), torch.cat(ys)
+                if targets:
+                    ys.append(_Store.take(self.y.chunks[chunk_id], local))
+        # No cat of a single piece: on large feature maps each copy is hundreds of MB.
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        y = None if not targets else ys[0] if len(ys) == 1 else torch.cat(ys)
+        return x, y
 
     def output_size_per_sample(self) -> int:
         """Number of target values per sample (largest shape group)."""
@@ -112,8 +116,9 @@ class IOCache:
         idx = torch.randperm(int(self.sizes[g].item()), generator=generator)[:batch_size].sort().values
         return self._gather(g, idx)
 
-    def iterate(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """All samples in order (at most ``limit``), in mini-batches."""
+    def iterate(self, batch_size: int, limit: int | None = None,
+                targets: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """All samples in order (at most ``limit``), in mini-batches; ``targets=False`` reads the inputs only."""
         seen = 0
         for g in range(len(self.groups)):
             n = int(self.sizes[g].item())
@@ -122,7 +127,7 @@ class IOCache:
                     return
                 stop = min(start + batch_size, n, start + (limit - seen if limit is not None else n))
                 seen += stop - start
-                yield self._gather(g, torch.arange(start, stop))
+                yield self._gather(g, torch.arange(start, stop), targets)
 
     def cleanup(self) -> None:
         self.x.cleanup()

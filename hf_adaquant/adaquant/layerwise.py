@@ -98,7 +98,7 @@ def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int
     observer = RangeObserver(seed=seed)
     error = None
     try:
-        for x, _ in cache.iterate(256):
+        for x, _ in cache.iterate(256, targets=False):
             observer.update(x)
     except Exception as e:
         if sync is None:

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from ..adaquant.cache import capture_layer_outputs, observe_outputs
 from ..calibrate import qmodules
-from ..utils.batches import Batch, call_model
+from ..utils.batches import Batch, batch_size, call_model, slice_batch
 from ..utils.seeding import make_generator
 
-__all__ = ["correct_bias", "output_tensors", "tune_bias"]
+__all__ = ["BIAS_CORRECTION_METHODS", "activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
 
 
 def _channel_mean(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -51,18 +51,28 @@ def _fp_channel_means(fp_model: nn.Module, layer_names: Sequence[str], batches: 
     return {name: acc.mean for name, acc in means.items()}
 
 
+BIAS_CORRECTION_METHODS = ("single_pass", "per_layer")
+
+
 @torch.no_grad()
 def correct_bias(
     qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch], *,
-    progress: bool = False,
+    method: str = "single_pass", progress: bool = False,
 ) -> dict[str, float]:
     """Shift each layer's bias by the mean per-channel error of its output, in execution order.
 
     Each layer sees inputs from the already-corrected quantized prefix, so corrections do not double count.
-    The FP targets take one pass for all layers; each layer then costs one quantized forward that stops right
-    after it. Returns the mean absolute shift per layer.
+    ``"per_layer"`` measures each layer's error exactly over all batches before moving on: one quantized forward
+    per layer and batch (cost grows with the square of the depth). ``"single_pass"`` corrects every layer
+    inside one quantized forward per batch, keeping a running average of each layer's correction across
+    batches (cost: one FP and one quantized pass). Returns the mean absolute shift per layer.
     """
+    if method not in BIAS_CORRECTION_METHODS:
+        raise ValueError(f"bias correction method must be one of {BIAS_CORRECTION_METHODS}, got {method!r}")
     conv = {name: qmodel.get_submodule(name).weight.dim() == 4 for name in layer_names}
+    if method == "single_pass":
+        deltas = _correct_bias_single_pass(qmodel, fp_model, layer_names, batches, conv, progress)
+        return {name: d.abs().mean().item() for name, d in deltas.items()}
     fp_means = _fp_channel_means(fp_model, layer_names, batches, conv)
     shifts: dict[str, float] = {}
     for name in tqdm(layer_names, desc="bias correction", disable=not progress, leave=False):
@@ -73,6 +83,54 @@ def correct_bias(
         layer.bias.add_(delta)
         shifts[name] = delta.abs().mean().item()
     return shifts
+
+
+def _correct_bias_single_pass(
+    qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch],
+    conv: dict[str, bool], progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Per batch: FP channel means of every layer, then one quantized forward whose hooks correct each layer.
+
+    At a layer, the batch's residual error (FP mean minus quantized mean, both on this batch: paired, so little
+    noise) plus the layer's current correction is one estimate of the total correction it needs; the correction
+    becomes the value-weighted average of these estimates so far, the bias moves to it, and the layer's output
+    moves with it so that later layers of the same forward already see the corrected prefix.
+    """
+    qmodel.eval()
+    fp_model.eval()
+    start = {name: qmodel.get_submodule(name).bias.detach().clone() for name in layer_names}
+    estimate_sum: dict[str, torch.Tensor] = {}
+    estimate_count: dict[str, int] = {}
+    fp_means: dict[str, torch.Tensor] = {}
+
+    def record_fp(name: str, out: torch.Tensor) -> None:
+        fp_means[name] = _channel_mean(out.detach().float(), conv[name])
+
+    def correct(module: nn.Module, args: Any, out: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in fp_means:  # called twice per forward (shared module): only the first call corrects
+            return out
+        n = out.numel() // (out.shape[1] if conv[name] else out.shape[-1])
+        current = module.bias.detach().double() - start[name].double()
+        estimate = current + (fp_means.pop(name).double() - _channel_mean(out.detach().float(), conv[name]).double())
+        estimate_sum[name] = estimate_sum.get(name, 0) + estimate * n
+        estimate_count[name] = estimate_count.get(name, 0) + n
+        target = estimate_sum[name] / estimate_count[name]
+        step = (target - current).to(module.bias.dtype)
+        module.bias.add_(step)
+        shape = (1, -1) + (1,) * (out.dim() - 2) if conv[name] else (-1,)
+        return out + step.reshape(shape).to(out.dtype)
+
+    handles = [qmodel.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: correct(mod, args, out, name)) for name in layer_names]
+    try:
+        for batch in tqdm(batches, desc="bias correction", disable=not progress, leave=False):
+            fp_means.clear()
+            observe_outputs(fp_model, layer_names, [batch], record_fp)
+            call_model(qmodel, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: qmodel.get_submodule(name).bias.detach() - start[name] for name in layer_names}
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
@@ -95,13 +153,42 @@ def _kl(q_out: list[torch.Tensor], fp_out: list[torch.Tensor]) -> torch.Tensor:
     return loss
 
 
+@torch.no_grad()
+def activation_elements_per_sample(model: nn.Module, batch: Batch) -> int:
+    """Output values per sample of every leaf module and quantized layer, measured on two samples of ``batch``.
+
+    Roughly what a backward pass keeps alive per sample: it sizes the slices that bound bias tuning's memory.
+    Outputs without the batch dimension (e.g. fake-quantized weights) do not grow with the batch and are skipped.
+    """
+    n = min(2, batch_size(batch))
+    quantized = set(qmodules(model).values())
+    total = 0
+
+    def count(module: nn.Module, args: Any, out: Any) -> None:
+        nonlocal total
+        total += sum(t.numel() for t in output_tensors(out) if t.dim() and t.shape[0] == n)
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if m in quantized or not any(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        call_model(model, slice_batch(batch, 0, n))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return max(total // n, 1)
+
+
 def tune_bias(
     qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[Batch], *, steps: int = 200, lr: float = 1e-4,
-    seed: int = 0, progress: bool = False,
+    seed: int = 0, max_backprop_samples: int | None = None, progress: bool = False,
 ) -> tuple[float, float]:
     """Train only the quantized layers' biases so the model's outputs match the FP outputs (KL over the last dim).
 
-    Kept only if it lowers the KL on the calibration batches. Returns ``(kl_before, kl_after)``.
+    Each step backpropagates through at most ``max_backprop_samples`` samples at once; a larger batch
+    accumulates the gradient over slices (the same gradient, bounded memory). Kept only if it lowers the KL on
+    the calibration batches. Returns ``(kl_before, kl_after)``.
     """
     with torch.no_grad():
         targets = [[t.detach() for t in output_tensors(call_model(fp_model.eval(), b))] for b in batches]
@@ -126,9 +213,16 @@ def tune_bias(
         order = torch.randperm(len(batches), generator=generator).tolist()
         for i in tqdm(range(steps), desc="bias tuning", disable=not progress, leave=False):
             k = order[i % len(order)]
-            loss = _kl(output_tensors(call_model(qmodel, batches[k])), targets[k])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            n = batch_size(batches[k])
+            size = n if max_backprop_samples is None else max(1, min(max_backprop_samples, n))
+            for start in range(0, n, size):
+                stop = min(start + size, n)
+                batch = batches[k] if size == n else slice_batch(batches[k], start, stop)
+                target = targets[k] if size == n else [t[start:stop] for t in targets[k]]
+                # batchmean KL of the whole batch = slice KLs weighted by their share of the samples
+                loss = _kl(output_tensors(call_model(qmodel, batch)), target) * ((stop - start) / n)
+                loss.backward()
             optimizer.step()
     finally:
         for p, r in zip(params, requires):
