@@ -235,6 +235,15 @@ def test_cache_sample_keeps_inputs_and_targets_paired() -> None:
             assert torch.allclose(conv(x), y, atol=1e-5)
 
 
+def test_cache_iterate_inputs_only_reads_the_same_inputs() -> None:
+    _, cache, _ = _random_conv_cache(seed=5)
+    both = list(cache.iterate(7, limit=30))
+    inputs_only = list(cache.iterate(7, limit=30, targets=False))
+    assert [len(x) for x, _ in both] == [7, 7, 7, 7, 2]
+    assert all(y is None for _, y in inputs_only)
+    assert torch.equal(torch.cat([x for x, _ in both]), torch.cat([x for x, _ in inputs_only]))
+
+
 def test_cache_spilled_to_disk_equals_in_memory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """max_cache_bytes bounds memory by spilling to disk; the cached data must be the same.
 
