@@ -17,6 +17,7 @@ __all__ = ["AdaQuantConfig", "CONFIG_VERSION"]
 CONFIG_VERSION = 1
 PIPELINES = ("light", "advanced")
 VARIANTS = ("sequential", "parallel")
+BIAS_CORRECTION_METHODS = ("single_pass", "per_layer")
 
 
 def _check_bits(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -169,8 +170,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
         for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.bias_correction_method not in ("single_pass", "per_layer"):
-            raise ValueError("bias_correction_method must be 'single_pass' or 'per_layer', "
+        if self.bias_correction_method not in BIAS_CORRECTION_METHODS:
+            raise ValueError(f"bias_correction_method must be one of {BIAS_CORRECTION_METHODS}, "
                              f"got {self.bias_correction_method!r}")
         if self.weight_rounding not in ("auto", "free", "learned"):
             raise ValueError(f"weight_rounding must be 'auto', 'free' or 'learned', got {self.weight_rounding!r}")

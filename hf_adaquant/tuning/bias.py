@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from ..adaquant.cache import capture_layer_outputs, observe_outputs
 from ..calibrate import qmodules
+from ..config import BIAS_CORRECTION_METHODS
 from ..utils.batches import Batch, batch_size, call_model, slice_batch
 from ..utils.seeding import make_generator
 
-__all__ = ["BIAS_CORRECTION_METHODS", "activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
+__all__ = ["activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
 
 
 def _channel_mean(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -49,9 +50,6 @@ def _fp_channel_means(fp_model: nn.Module, layer_names: Sequence[str], batches: 
     means = {name: _ChannelMean(conv[name]) for name in layer_names}
     observe_outputs(fp_model.eval(), layer_names, batches, lambda name, out: means[name].add(out))
     return {name: acc.mean for name, acc in means.items()}
-
-
-BIAS_CORRECTION_METHODS = ("single_pass", "per_layer")
 
 
 @torch.no_grad()
@@ -218,11 +216,10 @@ def tune_bias(
             size = n if max_backprop_samples is None else max(1, min(max_backprop_samples, n))
             for start in range(0, n, size):
                 stop = min(start + size, n)
-                batch = batches[k] if size == n else slice_batch(batches[k], start, stop)
-                target = targets[k] if size == n else [t[start:stop] for t in targets[k]]
+                batch = slice_batch(batches[k], start, stop)  # views: the whole batch when size == n
                 # batchmean KL of the whole batch = slice KLs weighted by their share of the samples
-                loss = _kl(output_tensors(call_model(qmodel, batch)), target) * ((stop - start) / n)
-                loss.backward()
+                loss = _kl(output_tensors(call_model(qmodel, batch)), [t[start:stop] for t in targets[k]])
+                (loss * ((stop - start) / n)).backward()
             optimizer.step()
     finally:
         for p, r in zip(params, requires):

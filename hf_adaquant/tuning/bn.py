@@ -28,7 +28,7 @@ from ..calibrate import qmodules
 from ..nn.qmodule import QModuleMixin
 from ..utils.batches import Batch, call_model
 
-__all__ = ["measure_output_stats", "tune_batchnorm"]
+__all__ = ["tune_batchnorm"]
 
 # Re-estimating a channel's statistics from fewer values than this (samples x positions) fits noise: such layers
 # (tiny calibration sets, 1x1 feature maps) keep their folded statistics.
@@ -63,16 +63,6 @@ class _ChannelStats:
 
     def std_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.m2.div(self.n).clamp(min=0).sqrt(), self.mean
-
-
-@torch.no_grad()
-def measure_output_stats(
-    fp_model: nn.Module, names: list[str], batches: Sequence[Batch]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel ``(std, mean)`` of each named conv's output in ``fp_model`` over ``batches`` (one pass)."""
-    stats = {name: _ChannelStats() for name in names}
-    observe_outputs(fp_model, names, batches, lambda name, out: stats[name].add(out))
-    return {name: tuple(t.float().cpu() for t in acc.std_mean()) for name, acc in stats.items() if acc.n}
 
 
 @torch.no_grad()
@@ -129,9 +119,10 @@ def tune_batchnorm(
         q_stats[name].add(out)  # the layer's own output, given the already re-normalised prefix
         target = fixed_targets[name] if fixed_targets is not None else fp_stats[name].std_mean()
         factor, mean_from, mean_to = current[name] = _renormalisation(q_stats[name], target)
+        # Statistics and factors stay float64; the per-element transform runs in the output's dtype (hot path).
         shape = (1, -1) + (1,) * (out.dim() - 2)
-        return ((out.double() - mean_from.reshape(shape)) * factor.reshape(shape)
-                + mean_to.reshape(shape)).to(out.dtype)
+        factor, mean_from, mean_to = (t.to(out.dtype).reshape(shape) for t in (factor, mean_from, mean_to))
+        return (out - mean_from) * factor + mean_to
 
     handles = [layers[n].register_forward_hook(lambda mod, args, out, n=n: renormalise(n, out)) for n in names]
     was_training = model.training
