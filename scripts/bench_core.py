@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import resource
@@ -157,12 +158,28 @@ def merge_row(rows: list[dict], row: dict) -> list[dict]:
     return [r for r in rows if (r["method"], r["setting"]) != (row["method"], row["setting"])] + [row]
 
 
+def save_row(name: str, row: dict) -> None:
+    """Merge ``row`` into ``core_<name>.json`` (settings can be (re)run one group at a time).
+
+    The file is re-read under a lock at write time: two runs with the same tag used to each keep the rows they
+    read at start, and the later one dropped the other's row.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".core_{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = RESULTS / f"core_{name}.json"
+        rows = json.loads(path.read_text()) if path.exists() else []
+        write_tables(name, merge_row(rows, row))
+
+
 def write_tables(model: str, rows: list[dict]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:  # evaluate's format (accuracy as a fraction) next to the historical top1 (percent)
         if "top1" in r:
             r["metrics"] = {"accuracy": round(r["top1"] / 100, 6)}
-    (RESULTS / f"core_{model}.json").write_text(json.dumps(rows, indent=2))
+    tmp = RESULTS / f"core_{model}.json.tmp"  # atomic: an interrupted write never leaves a truncated file
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(RESULTS / f"core_{model}.json")
     lines = [f"| {model} | setting | top-1 | calibration s | peak RSS MiB |", "|---|---|---|---|---|"]
     for r in rows:
         top1 = f"{r['top1']:.2f}" if "top1" in r else "—"
@@ -189,9 +206,6 @@ def main() -> None:
         return
     runs = ([("fp32", "FP32")] if args.model != "resnet50_rss" and not args.tag else [])
     runs += [(m, s) for s in args.settings for m in args.methods]
-    # Merge into earlier results so that settings can be (re)run one group at a time.
-    previous = RESULTS / f"core_{args.model}{args.tag}.json"
-    rows = json.loads(previous.read_text()) if previous.exists() else []
     for method, setting in runs:
         cmd = [sys.executable, __file__, "--single", "--model", args.model, "--method", method, "--setting",
                setting, "--calib", str(args.calib), "--threads", str(args.threads), "--seed", str(args.seed),
@@ -204,10 +218,10 @@ def main() -> None:
         row = json.loads(line[len("RESULT "):])
         row["load_average_1min"] = os.getloadavg()[0]  # timings are only comparable on an idle machine
         row["commit"] = _git_commit()
-        rows = merge_row(rows, row)
         print(f"{args.model:18s} {method:9s} {setting:5s} top1={row.get('top1', float('nan')):.2f} "
               f"t={row['seconds']:.1f}s rss={row['peak_rss_mib']:.0f}MiB", flush=True)
-        write_tables(args.model + args.tag, rows)
+        print("ROW " + json.dumps(row), flush=True)  # the whole row in the log too
+        save_row(args.model + args.tag, row)
 
 
 if __name__ == "__main__":
