@@ -173,7 +173,6 @@ def save_row(name: str, row: dict) -> None:
 
 
 def write_tables(model: str, rows: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:  # evaluate's format (accuracy as a fraction) next to the historical top1 (percent)
         if "top1" in r:
             r["metrics"] = {"accuracy": round(r["top1"] / 100, 6)}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import METHODS, RESULTS, _git_commit, merge_row, parse_setting, write_tables  # noqa: E402
+from bench_core import METHODS, _git_commit, parse_setting, save_row  # noqa: E402
 
 from hf_adaquant import AdaQuantConfig, quantize  # noqa: E402
 from hf_adaquant.data import efficientnet_lite0_transform, load_imagenet_tensors, shared_dir  # noqa: E402
@@ -87,16 +87,13 @@ def quantize_phase(args: argparse.Namespace) -> None:
 def evaluate_phase(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     x_ev, y_ev = _imagenet("val1300")
-    previous = RESULTS / f"core_efficientnet_lite0{args.tag}.json"
-    rows = json.loads(previous.read_text()) if previous.exists() else []
     for path in sorted(Path(args.save_dir).glob("*.pt")):
         saved = torch.load(path, map_location=device, weights_only=False)
         row = saved["row"]
         row["top1"] = evaluate_classifier(saved["model"].to(device), x_ev, y_ev, batch_size=250)
-        rows = merge_row(rows, row)
         print(f"RESULT {row['method']:14s} {row['setting']} top1={row['top1']:.2f} t={row['seconds']:.1f}s",
               flush=True)
-    write_tables(f"efficientnet_lite0{args.tag}", rows)
+        save_row(f"efficientnet_lite0{args.tag}", row)  # each row as soon as it is measured, merged under a lock
 
 
 def main() -> None:
