@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPIP) install torch==2.14.1 torchvision==0.29.1
-	$(VPIP) install -e ".[examples,dev]"
+	$(VPIP) install -e ".[examples,dev,onnx]"
 	touch $@
 
 demo: venv

@@ -4,10 +4,11 @@ from .config import AdaQuantConfig
 from .integrations import timm as _timm_layers  # noqa: F401  (registers quantized timm layers)
 from .quantize import PreparedModel, QuantizationReport, prepare_model, quantize
 from .serialization import load_quantized, save_quantized
+from .export import ExportError, export_onnx, freeze
 from .integrations import transformers as _transformers_registration  # noqa: F401,E402  (registers "adaquant")
 from .quantizer import AdaQuantQuantizer
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaQuantConfig", "AdaQuantQuantizer", "PreparedModel", "QuantizationReport", "__version__",
-           "load_quantized", "prepare_model", "quantize", "save_quantized"]
+__all__ = ["AdaQuantConfig", "AdaQuantQuantizer", "ExportError", "PreparedModel", "QuantizationReport", "__version__",
+           "export_onnx", "freeze", "load_quantized", "prepare_model", "quantize", "save_quantized"]

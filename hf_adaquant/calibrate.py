@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .nn import QModuleMixin
-from .quant import RangeObserver, compute_range
+from .quant import NonFiniteValuesError, RangeObserver, compute_range
 from .utils.batches import Batch, call_model
 
 __all__ = ["calibrate_activation_ranges", "init_weight_range", "qmodules", "quantization_disabled"]
@@ -34,31 +34,60 @@ def quantization_disabled(model: nn.Module) -> Iterator[None]:
             m.set_quantization_enabled(True)
 
 
+def _layer_label(name: str) -> str:
+    return f"layer {name!r}" if name else "a layer"
+
+
 @torch.no_grad()
-def init_weight_range(layer: QModuleMixin, method: str) -> None:
-    """Per-channel weight range by ``method`` ("minmax", "mse", "percentile")."""
+def init_weight_range(layer: QModuleMixin, method: str, name: str = "") -> None:
+    """Per-channel weight range by ``method`` ("minmax", "mse", "percentile").
+
+    Raises:
+        ValueError: the weights hold NaN or inf (naming the layer ``name``).
+    """
     q = layer.weight_quantizer
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     lo, hi = compute_range(method, w, bits=q.bits, symmetric=q.symmetric)
-    q.set_range(lo, hi)
+    try:
+        q.set_range(lo, hi)
+    except ValueError as e:
+        raise ValueError(f"weight range of {_layer_label(name)}: {e}") from None
 
 
 @torch.no_grad()
 def calibrate_activation_ranges(
     model: nn.Module, batches: Sequence[Batch], method: str, *, seed: int = 0, progress: bool = False
 ) -> None:
-    """Set every input quantizer's range from one float pass over ``batches`` (bounded memory observers)."""
+    """Set every input quantizer's range from one float pass over ``batches`` (bounded memory observers).
+
+    Raises:
+        ValueError: a layer's input holds NaN or inf (naming the layer and the calibration batch).
+    """
     layers = {n: m for n, m in qmodules(model).items() if m.input_quantizer is not None}
     observers = {n: RangeObserver(seed=seed + i) for i, n in enumerate(layers)}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observers[n].update(args[0]))
-               for n, m in layers.items()]
+    current = [0]  # index of the batch being observed, for error messages
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        try:
+            observers[name].update(x)
+        except NonFiniteValuesError as e:
+            message = f"input of {_layer_label(name)} on calibration batch {current[0]}: {e}"
+            raise NonFiniteValuesError(message) from None
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in layers.items()]
     try:
         with quantization_disabled(model):
-            for batch in tqdm(batches, desc="calibrating ranges", disable=not progress, leave=False):
-                call_model(model, batch)
+            for index, batch in enumerate(tqdm(batches, desc="calibrating ranges", disable=not progress,
+                                               leave=False)):
+                current[0] = index
+                # the observers' error already names the layer and this batch
+                call_model(model, batch, index, passthrough=(NonFiniteValuesError,))
     finally:
         for h in handles:
             h.remove()
     for name, layer in layers.items():
         q = layer.input_quantizer
-        q.set_range(*observers[name].compute(method, bits=q.bits, symmetric=q.symmetric))
+        try:
+            q.set_range(*observers[name].compute(method, bits=q.bits, symmetric=q.symmetric))
+        except ValueError as e:
+            raise ValueError(f"input range of {_layer_label(name)}: {e}") from None

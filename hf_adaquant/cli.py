@@ -3,9 +3,12 @@
     hf-adaquant quantize --recipe recipes/cifar10-resnet20-w4a4.yaml --output out/r20 [--set quantization.iterations=50]
     hf-adaquant evaluate out/r20 [--recipe R]
     hf-adaquant push out/r20 --repo-id me/resnet20-w4a4 [--private] [--token-env HF_TOKEN]
+    hf-adaquant export --checkpoint out/r20 --output out/r20/model.onnx [--opset 21] [--input-shape 3,32,32]
 
-Bad input (a malformed recipe, a missing file, an invalid checkpoint) ends with a one-line message on stderr and
-exit status 2; ``--debug`` shows the traceback instead.
+Every failure ends with one line on stderr, ``hf-adaquant COMMAND: error: TYPE: MESSAGE``, and a non-zero exit
+status: 2 for bad input (a malformed recipe, a missing file, an invalid checkpoint), 1 for an unexpected internal
+error, 3 when ``quantize`` saved its checkpoint but the evaluation after it failed (the checkpoint is kept), 130 on
+Ctrl-C. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,18 +19,31 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from .utils.files import atomic_write_text, remove_stale_temporaries, replace_directory, temporary_name
 
 __all__ = ["build_parser", "main"]
 
 _logger = logging.getLogger("hf_adaquant.cli")
+EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_EVALUATION_FAILED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class CliError(Exception):
     """Bad command-line input: reported as one line, no traceback."""
+
+
+class EvaluationFailed(Exception):
+    """The quantized checkpoint was saved at ``checkpoint``; only the evaluation after it failed (``__cause__``)."""
+
+    def __init__(self, checkpoint: Path, summary: dict[str, Any]) -> None:
+        super().__init__(f"evaluation failed; the quantized checkpoint is saved at {checkpoint}")
+        self.checkpoint = checkpoint
+        self.summary = summary
 
 
 # ------------------------------------------------------------------------------------------------------- parser
@@ -42,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, type=Path, help="checkpoint folder to write")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. quantization.iterations=50 (repeatable)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output folder (or a file at that path)")
     q.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
     q.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoint finished AdaQuant layers here; re-running with it resumes an interrupted run")
@@ -62,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default=None, metavar="VAR",
                    help="environment variable holding the Hub token (default: huggingface_hub's own lookup: "
                         "HF_TOKEN or the stored login). Tokens are never taken as arguments.")
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (integer weights, run by onnxruntime)")
+    x.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder written by 'quantize'")
+    x.add_argument("--output", required=True, type=Path, help=".onnx file to write")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the lowest that stores every weight width in its own type)")
+    x.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="shape of one input sample, for models that do not state it (plain PyTorch models)")
+    x.add_argument("--recipe", default=None,
+                   help="recipe that builds the float skeleton of a plain PyTorch checkpoint (default: "
+                        "CHECKPOINT/recipe.yaml)")
     return parser
 
 
@@ -71,24 +99,51 @@ def _eval_record(evaluator: Any, metrics: dict[str, dict[str, float]], size: dic
             "fp32": metrics.get("fp32"), "quantized": metrics["quantized"], "size": size}
 
 
-def _replace_dir(staging: Path, output: Path) -> None:
-    """Move ``staging`` to ``output``; an existing ``output`` is removed only once the new one is in place."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
+def _write_checkpoint(qmodel: Any, recipe: Any, built: Any, output: Path) -> dict[str, int]:
+    """Save into a staging folder next to ``output``, then swap it in whole (replacing a folder or a file there)."""
+    from .hub import RECIPE_FILE
+    from .serialization import save_quantized
+    from .size import model_size
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output.parent, output.name)  # staging folders of killed runs
+    staging = temporary_name(output)
+    staging.mkdir()  # mode from the umask, like any folder the user makes
+    try:
+        save_quantized(qmodel, staging)
+        (staging / RECIPE_FILE).write_text(recipe.to_yaml())
+        if built.tokenizer is not None:
+            built.tokenizer.save_pretrained(str(staging))
+        size = {"fp32_bytes": model_size(qmodel).fp32_bytes,
+                "checkpoint_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors"))}
+        replace_directory(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return size
+
+
+def _evaluate_checkpoint(recipe: Any, built: Any, qmodel: Any, output: Path, summary: dict[str, Any]) -> None:
+    """Run the recipe's evaluation and record it next to the checkpoint (already in place, kept if this fails)."""
+    from .hub import EVAL_RESULTS_FILE
+    from .recipes import build_evaluator
+
+    try:
+        evaluator = build_evaluator(recipe, built)
+        if evaluator is None:
+            return
+        models = {"fp32": built.model, "quantized": qmodel} if recipe.evaluation["compare_fp"] else \
+            {"quantized": qmodel}
+        record = _eval_record(evaluator, evaluator(models), summary["size"])
+        atomic_write_text(output / EVAL_RESULTS_FILE, json.dumps(record, indent=2) + "\n")
+    except (Exception, KeyboardInterrupt) as err:
+        raise EvaluationFailed(output, summary) from err
+    summary.update(fp32=record["fp32"], quantized=record["quantized"])
 
 
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from . import quantize
-    from .hub import EVAL_RESULTS_FILE, RECIPE_FILE
-    from .recipes import build_calibration, build_evaluator, build_model, load_recipe
-    from .serialization import save_quantized
-    from .size import model_size
+    from .recipes import build_calibration, build_model, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     output: Path = args.output
@@ -103,29 +158,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if not is_main_process():  # under torchrun / accelerate launch every rank quantizes; rank 0 writes
         return {"output": str(output), "recipe": recipe.name, "rank": "non-main"}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint folder should not be
-    try:
-        save_quantized(qmodel, staging)
-        (staging / RECIPE_FILE).write_text(recipe.to_yaml())
-        if built.tokenizer is not None:
-            built.tokenizer.save_pretrained(str(staging))
-        size = {"fp32_bytes": model_size(qmodel).fp32_bytes,
-                "checkpoint_bytes": sum(p.stat().st_size for p in staging.glob("*.safetensors"))}
-        summary: dict[str, Any] = {"output": str(output), "recipe": recipe.name, "size": size}
-        evaluator = None if args.no_eval else build_evaluator(recipe, built)
-        if evaluator is not None:
-            models = {"fp32": built.model, "quantized": qmodel} if recipe.evaluation["compare_fp"] else \
-                {"quantized": qmodel}
-            record = _eval_record(evaluator, evaluator(models), size)
-            (staging / EVAL_RESULTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            summary.update(fp32=record["fp32"], quantized=record["quantized"])
-        _replace_dir(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    size = _write_checkpoint(qmodel, recipe, built, output)
+    _logger.info("quantized checkpoint saved at %s", output)
+    summary: dict[str, Any] = {"output": str(output), "recipe": recipe.name, "size": size}
+    if not args.no_eval:  # after the save: a failed evaluation must not cost the finished checkpoint
+        _evaluate_checkpoint(recipe, built, qmodel, output, summary)
     return summary
 
 
@@ -168,6 +205,36 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, float]:
     return evaluator({"quantized": qmodel})["quantized"]
 
 
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CliError(f"--input-shape must be comma-separated integers such as 3,224,224, got {text!r}") from None
+    return shape
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    from .export import export_checkpoint
+    from .hub import RECIPE_FILE
+    from .recipes import build_model, load_recipe
+
+    directory: Path = args.checkpoint
+    if not directory.is_dir():
+        raise CliError(f"checkpoint folder not found: {directory}")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    skeleton = None
+    if "model_type" not in config and "architecture" not in config:  # plain PyTorch: the recipe builds it
+        recipe_path = args.recipe or directory / RECIPE_FILE
+        if args.recipe is None and not Path(recipe_path).is_file():
+            raise CliError(f"{directory} is a plain PyTorch checkpoint without {RECIPE_FILE}: pass --recipe")
+        skeleton = build_model(load_recipe(recipe_path, check_files=False)).model
+    return export_checkpoint(directory, args.output, model=skeleton, input_shape=_parse_shape(args.input_shape),
+                             opset=args.opset)
+
+
 def run_push(args: argparse.Namespace, hub_api: Any = None) -> dict[str, Any]:
     from .hub import RECIPE_FILE, push_to_hub
     from .hub.push import DEFAULT_COMMIT_MESSAGE
@@ -194,6 +261,33 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (CliError, ValueError, OSError, ImportError)
 
 
+def _describe(err: BaseException) -> str:
+    """``Type: message`` on one line (the CLI's own errors need no type)."""
+    message = " ".join(str(err).split())
+    if isinstance(err, CliError):
+        return message or type(err).__name__
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def _report_failure(command: str, err: BaseException) -> int:
+    """Print the one-line error for ``err`` and return the exit status."""
+    prefix = f"hf-adaquant {command}: error:"
+    if isinstance(err, EvaluationFailed):
+        cause = err.__cause__ or err
+        print(json.dumps({**err.summary, "evaluation_error": _describe(cause)}, indent=2))
+        print(f"{prefix} {_describe(cause)} (only the evaluation failed: the quantized checkpoint is saved at "
+              f"{err.checkpoint})", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(cause, KeyboardInterrupt) else EXIT_EVALUATION_FAILED
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prefix} KeyboardInterrupt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(err, _bad_input_types()):
+        print(f"{prefix} {_describe(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{prefix} {_describe(err)} (internal error; run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: Sequence[str] | None = None, *, hub_api: Any = None) -> int:
     """Entry point of the ``hf-adaquant`` console script; returns the exit status.
 
@@ -208,14 +302,14 @@ def main(argv: Sequence[str] | None = None, *, hub_api: Any = None) -> int:
             result: Any = run_quantize(args)
         elif args.command == "evaluate":
             result = run_evaluate(args)
+        elif args.command == "export":
+            result = run_export(args)
         else:
             result = run_push(args, hub_api)
-    except _bad_input_types() as err:
+    except (Exception, KeyboardInterrupt) as err:
         if args.debug:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"hf-adaquant {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _report_failure(args.command, err)
     print(json.dumps(result, indent=2))
     return 0
 

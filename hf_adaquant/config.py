@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .quant.quantizer import MAX_BITS, MIN_BITS
 from .quant.ranges import RANGE_METHODS
 
-__all__ = ["AdaQuantConfig", "CONFIG_VERSION"]
+__all__ = ["AdaQuantConfig", "CONFIG_VERSION", "FLOAT_FIELDS"]
 
 CONFIG_VERSION = 1
 PIPELINES = ("light", "advanced")
@@ -20,12 +24,105 @@ VARIANTS = ("sequential", "parallel")
 BIAS_CORRECTION_METHODS = ("single_pass", "per_layer")
 
 
+# Field kinds, so that validate() checks every field by name (tests walk all fields against these checks).
+_INT_FIELDS = {"iterations": 0, "batch_size": 1, "max_step_elements": 1, "bias_tuning_steps": 0,
+               "bias_tuning_batch_size": 1, "bias_tuning_max_elements": 1, "max_cache_bytes": 0, "seed": None,
+               "version": 1, "num_samples": 1, "max_length": 1, "calibration_batch_size": 1}  # name: minimum
+_OPTIONAL_INT_FIELDS = {"max_calibration_samples": 1}
+NON_NEGATIVE_FLOAT_FIELDS = ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point",
+                             "rounding_regularization", "lr_rounding", "bias_tuning_lr")
+POSITIVE_OPTIONAL_FLOAT_FIELDS = ("weight_deviation_limit", "size_budget", "bops_budget")
+FLOAT_FIELDS = NON_NEGATIVE_FLOAT_FIELDS + POSITIVE_OPTIONAL_FLOAT_FIELDS
+"""Fields holding real numbers: text front ends (recipes, ``--set``) convert ``"1e-3"`` strings for these."""
+_BOOL_FIELDS = ("weight_symmetric", "activation_symmetric", "bn_tuning", "bias_correction", "bias_tuning",
+                "progress")
+_STR_FIELDS = {"dataset_split": False, "dataset_config_name": True, "text_column": True}  # name: None allowed
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Enum fields and their accepted values (range methods can be registered at run time)."""
+    return {"pipeline": PIPELINES, "variant": VARIANTS,
+            "weight_range_method": tuple(sorted(RANGE_METHODS)),
+            "activation_range_method": tuple(sorted(RANGE_METHODS)) + ("mean_minmax",),
+            "weight_rounding": ("auto", "free", "learned"), "bias_correction_method": BIAS_CORRECTION_METHODS,
+            "size_budget_unit": ("fraction", "bits", "bytes"), "bops_budget_unit": ("fraction", "absolute"),
+            "sensitivity_criterion": ("kl", "mse", "task"), "cache_dtype": ("float16", "float32")}
+
+
+def _wrong_type(name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int | None, allow_none: bool = False) -> int | None:
+    """``value`` as a Python int (numpy integers accepted; bools, floats and strings are not)."""
+    if value is None and allow_none:
+        return None
+    bound = "" if minimum is None else f" >= {minimum}"
+    expected = f"an integer{bound}{' or None' if allow_none else ''}"
+    if not _is_int(value):
+        raise _wrong_type(name, expected, value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def _check_number(name: str, value: Any, strictly_positive: bool, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    expected = f"a finite number {'> 0' if strictly_positive else '>= 0'}{' or None' if allow_none else ''}"
+    if isinstance(value, str):  # e.g. YAML 1.1 reads 1e-3 (no dot) as a string
+        raise ValueError(f"{name} must be {expected}, got the string {value!r}; pass a number (1e-3, not '1e-3')")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise _wrong_type(name, expected, value)
+    if not math.isfinite(value) or value < 0 or (strictly_positive and value == 0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def _check_bits(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or not MIN_BITS <= value <= MAX_BITS:
+    if not _is_int(value) or not MIN_BITS <= value <= MAX_BITS:
         raise ValueError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}"
                          f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_patterns(name: str, value: Any) -> list[str] | None:
+    """A list of fnmatch patterns; one pattern string is a one-pattern list (a string is not iterated)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise _wrong_type(name, "a layer-name pattern or a list of them (strings), or None", value)
+    return list(value)
+
+
+def _check_bits_map(name: str, value: Any) -> dict[str, tuple[int, int | None]]:
+    """``{layer name or pattern: (weight_bits, activation_bits)}`` with tuple values."""
+    if not isinstance(value, Mapping):
+        raise _wrong_type(name, "a dict {layer name: (weight_bits, activation_bits)}", value)
+    out = {}
+    for key, bits in value.items():
+        if not isinstance(key, str):
+            raise _wrong_type(f"{name} key", "a layer name or pattern (string)", key)
+        if not isinstance(bits, (tuple, list)) or len(bits) != 2:
+            raise ValueError(f"{name}[{key!r}] must be (weight_bits, activation_bits), got {bits!r}")
+        _check_bits(f"{name}[{key!r}] weight bits", bits[0])
+        _check_bits(f"{name}[{key!r}] activation bits", bits[1], allow_none=True)
+        out[key] = (int(bits[0]), None if bits[1] is None else int(bits[1]))
+    return out
+
+
+def _check_calibration_source(dataset: Any, tokenizer: Any) -> None:
+    """Quantize-on-load inputs: a dataset name/path, a list, or a ``datasets`` object; a tokenizer name or object."""
+    if not (dataset is None or isinstance(dataset, (str, os.PathLike, list, tuple)) or hasattr(dataset, "__iter__")):
+        raise _wrong_type("dataset", "a dataset name or path, a list, or a datasets.Dataset, or None", dataset)
+    if isinstance(tokenizer, (bool, numbers.Number, bytes, list, tuple, Mapping)):
+        raise _wrong_type("tokenizer", "a tokenizer object or name, or None", tokenizer)
 
 
 @dataclass
@@ -35,8 +132,9 @@ class AdaQuantConfig(QuantizationConfigMixin):
     Bits and policy:
         weight_bits / activation_bits: default precision (2..8; ``activation_bits=None`` keeps activations float).
         first_last_bits: precision floor of the first and last quantized layers (None: no exception).
-        include / exclude: fnmatch patterns on layer names. layer_bits: ``{name or pattern: (w, a)}`` per-layer
-        overrides (what bit allocation produces; e.g. ``{"*.conv_dw": (8, 8)}``; exact names win over patterns).
+        include / exclude: one fnmatch pattern on layer names or a list of them. layer_bits: ``{name or pattern:
+        (w, a)}`` per-layer overrides (what bit allocation produces; e.g. ``{"*.conv_dw": (8, 8)}``; exact names
+        win over patterns).
         weight_symmetric / activation_symmetric: zero-point fixed at 0.
         weight_range_method / activation_range_method: "minmax", "mean_minmax" (activations; the paper's),
         "mse" or "percentile".
@@ -65,7 +163,9 @@ class AdaQuantConfig(QuantizationConfigMixin):
         size_budget (+ size_budget_unit "fraction" of FP32 weight size, "bits" or "bytes") and/or bops_budget
         (+ bops_budget_unit "fraction" of FP32 BOPs or "absolute"). candidate_weight_bits x
         candidate_activation_bits are the per-layer options; sensitivity_criterion "kl" or "mse" (label-free,
-        against the FP outputs) or "task" (needs labels); pinned_layers fixes some layers' ``(w, a)``.
+        against the FP outputs) or "task" (needs labels); pinned_layers fixes some layers' ``(w, a)``. A budget
+        and layer_bits exclude each other (the budget would be ignored); the allocation's result is a config with
+        layer_bits and no budget (the budget is kept in the run report's ``allocation``).
 
     Resources:
         max_calibration_samples: use at most this many calibration samples. cache_dtype: "float16" or "float32"
@@ -143,76 +243,72 @@ class AdaQuantConfig(QuantizationConfigMixin):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and the accepted values."""
+        """Raise ``ValueError`` naming the field, what it must be and what it got; normalise accepted forms.
+
+        Every field is type-checked (integers are not bools, floats accept integers, enums list their values);
+        a single ``include``/``exclude`` pattern string becomes a one-pattern list and lists of bits become
+        tuples, so that the config reads the same whichever way it was written.
+        """
+        for name, minimum in _INT_FIELDS.items():
+            setattr(self, name, _check_int(name, getattr(self, name), minimum))
+        for name, minimum in _OPTIONAL_INT_FIELDS.items():
+            setattr(self, name, _check_int(name, getattr(self, name), minimum, allow_none=True))
+        for name in NON_NEGATIVE_FLOAT_FIELDS:
+            _check_number(name, getattr(self, name), strictly_positive=False)
+        for name in POSITIVE_OPTIONAL_FLOAT_FIELDS:
+            _check_number(name, getattr(self, name), strictly_positive=True, allow_none=True)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _wrong_type(name, "True or False", getattr(self, name))
+        if self.weight_range_method == "mean_minmax":
+            raise ValueError("weight_range_method 'mean_minmax' is for activations; use 'minmax' or 'mse'")
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        for name, optional in _STR_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (optional and value is None):
+                raise _wrong_type(name, "a string" + (" or None" if optional else ""), value)
+        self._validate_bits()
+        self._validate_budget()
+        if self.quant_method != "adaquant":
+            raise ValueError(f"quant_method must be 'adaquant', got {self.quant_method!r}")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is newer than this hf_adaquant ({CONFIG_VERSION})")
+        if self.checkpoint_layout is not None and not isinstance(self.checkpoint_layout, dict):
+            raise ValueError(f"checkpoint_layout must be a dict or None, got {type(self.checkpoint_layout)!r}")
+        _check_calibration_source(self.dataset, self.tokenizer)
+
+    def _validate_bits(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("activation_bits", self.activation_bits, allow_none=True)
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
-        for name, bits in self.layer_bits.items():
-            if not isinstance(bits, (tuple, list)) or len(bits) != 2:
-                raise ValueError(f"layer_bits[{name!r}] must be (weight_bits, activation_bits), got {bits!r}")
-            _check_bits(f"layer_bits[{name!r}] weight bits", bits[0])
-            _check_bits(f"layer_bits[{name!r}] activation bits", bits[1], allow_none=True)
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        methods = sorted(RANGE_METHODS) + ["mean_minmax"]
-        for name in ("weight_range_method", "activation_range_method"):
-            if getattr(self, name) not in methods:
-                raise ValueError(f"{name} must be one of {methods}, got {getattr(self, name)!r}")
-        if self.weight_range_method == "mean_minmax":
-            raise ValueError("weight_range_method 'mean_minmax' is for activations; use 'minmax' or 'mse'")
-        for name in ("iterations", "batch_size", "max_step_elements", "bias_tuning_steps", "bias_tuning_batch_size",
-                     "bias_tuning_max_elements"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name in ("iterations", "bias_tuning_steps") else 1):
-                raise ValueError(f"{name} must be a non-negative integer (batch sizes and element limits >= 1), got {value!r}")
-        for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point", "bias_tuning_lr"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.bias_correction_method not in BIAS_CORRECTION_METHODS:
-            raise ValueError(f"bias_correction_method must be one of {BIAS_CORRECTION_METHODS}, "
-                             f"got {self.bias_correction_method!r}")
-        if self.weight_rounding not in ("auto", "free", "learned"):
-            raise ValueError(f"weight_rounding must be 'auto', 'free' or 'learned', got {self.weight_rounding!r}")
-        if not self.rounding_regularization >= 0 or not self.lr_rounding >= 0:
-            raise ValueError("rounding_regularization and lr_rounding must be >= 0")
-        if self.weight_deviation_limit is not None and not self.weight_deviation_limit > 0:
-            raise ValueError(f"weight_deviation_limit must be > 0 or None, got {self.weight_deviation_limit!r}")
+        self.include = _check_patterns("include", self.include)
+        self.exclude = _check_patterns("exclude", self.exclude)
+        self.layer_bits = _check_bits_map("layer_bits", self.layer_bits)
+        self.pinned_layers = _check_bits_map("pinned_layers", self.pinned_layers)
         for name in ("candidate_weight_bits", "candidate_activation_bits"):
             values = getattr(self, name)
+            if isinstance(values, tuple):
+                values = list(values)
+            if not isinstance(values, list):
+                raise _wrong_type(name, "a list of bit-widths", values)
             if not values:
                 raise ValueError(f"{name} must list at least one bit-width")
             for bits in values:
                 _check_bits(name, bits)
-        for name, bits in self.pinned_layers.items():
-            if not isinstance(bits, (tuple, list)) or len(bits) != 2:
-                raise ValueError(f"pinned_layers[{name!r}] must be (weight_bits, activation_bits), got {bits!r}")
-            _check_bits(f"pinned_layers[{name!r}] weight bits", bits[0])
-            _check_bits(f"pinned_layers[{name!r}] activation bits", bits[1], allow_none=True)
-        if self.sensitivity_criterion not in ("kl", "mse", "task"):
-            raise ValueError(f"sensitivity_criterion must be 'kl', 'mse' or 'task', got {self.sensitivity_criterion!r}")
-        for name, units in (("size_budget_unit", ("fraction", "bits", "bytes")),
-                            ("bops_budget_unit", ("fraction", "absolute"))):
-            if getattr(self, name) not in units:
-                raise ValueError(f"{name} must be one of {units}, got {getattr(self, name)!r}")
-        for name in ("size_budget", "bops_budget"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 or None, got {getattr(self, name)!r}")
-        if self.cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
-        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
-            raise ValueError("max_calibration_samples must be >= 1 or None")
-        if self.version > CONFIG_VERSION:
-            raise ValueError(f"config version {self.version} is newer than this hf_adaquant ({CONFIG_VERSION})")
-        if self.quant_method != "adaquant":
-            raise ValueError(f"quant_method must be 'adaquant', got {self.quant_method!r}")
-        if self.checkpoint_layout is not None and not isinstance(self.checkpoint_layout, dict):
-            raise ValueError(f"checkpoint_layout must be a dict or None, got {type(self.checkpoint_layout)!r}")
-        for name in ("num_samples", "max_length", "calibration_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            setattr(self, name, [int(bits) for bits in values])
+
+    def _validate_budget(self) -> None:
+        # A budget is solved into per-layer bits; layer_bits would override every layer it names, so the
+        # budget would silently not hold. A saved checkpoint's config records a finished run: older versions
+        # stored the budget next to the layer_bits it produced, and those must still load.
+        if self.has_budget and self.layer_bits and self.checkpoint_layout is None:
+            budgets = [n for n in ("size_budget", "bops_budget") if getattr(self, n) is not None]
+            raise ValueError(f"{' and '.join(budgets)} cannot be combined with layer_bits: layer_bits fixes the "
+                             "bits of the layers it names, so the budget would be ignored. To fix some layers "
+                             "inside a budget use pinned_layers={name: (weight_bits, activation_bits)}; "
+                             "otherwise drop the budget or layer_bits")
 
     @property
     def has_budget(self) -> bool:
@@ -238,8 +334,9 @@ class AdaQuantConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(f"unknown AdaQuantConfig fields {unknown}; accepted: {sorted(known)}")
         data = dict(data)
-        data["layer_bits"] = {k: tuple(v) for k, v in (data.get("layer_bits") or {}).items()}
-        data["pinned_layers"] = {k: tuple(v) for k, v in (data.get("pinned_layers") or {}).items()}
+        for name in ("layer_bits", "pinned_layers"):  # JSON lists become tuples in validate()
+            if data.get(name) is None:
+                data[name] = {}
         data.update({k: v for k, v in kwargs.items() if k in known})
         config = cls(**data)
         if return_unused_kwargs:

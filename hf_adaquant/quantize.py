@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .config import AdaQuantConfig
 from .distributed import is_main_process
 from .nn import quantize_module
 from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
+from .prepare.find_layers import check_no_meta_tensors
 from .prepare.fold_bn import FoldResult
 from .tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 from .utils.batches import Batch, batch_size, materialize_batches, split_batches
@@ -63,8 +64,9 @@ class QuantizationReport:
 
 def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
     """Copy ``model`` (never mutated), fold its BatchNorms and wrap the planned layers with quantizers."""
+    check_no_meta_tensors(model)
     fp_model = copy.deepcopy(model).eval()
-    fold = fold_batchnorms(fp_model)
+    fold = fold_batchnorms(fp_model, example_batch)  # each fold verified against the unfolded model on it
     for p in fp_model.parameters():
         p.requires_grad_(False)
     layers = trace_layers(fp_model, example_batch)
@@ -105,6 +107,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     """
     config = config or AdaQuantConfig()
     config.validate()
+    check_no_meta_tensors(model)  # before reading any data: a model without values cannot be calibrated
     if config.progress and not is_main_process():  # one set of progress bars per distributed launch
         config = config.replace(progress=False)
     timings: dict[str, float] = {}
@@ -120,9 +123,11 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     batches = materialize_batches(calibration_data, config.max_calibration_samples)
     allocation = None
     if config.has_budget and not config.layer_bits:  # bit allocation: measure, solve, then per-layer bits
-        from .allocation.budget import allocate_for_config
+        from .allocation.budget import allocate_for_config, allocation_record
 
+        budgeted = config  # the allocated config has layer_bits and no budget; the report keeps the budget
         config, allocation = allocate_for_config(model, batches, config)
+        allocation = allocation_record(allocation, budgeted)
         seed_everything(config.seed)
         lap("bit_allocation")
     prepared = prepare_model(model, batches[0], config)
@@ -130,7 +135,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     layer_names = list(prepared.plan)
     lap("prepare")
     report = QuantizationReport(config=config.to_dict(), plan={k: list(v) for k, v in prepared.plan.items()},
-                                allocation=None if allocation is None else allocation.to_dict(),
+                                allocation=allocation,
                                 folded_batchnorms=dict(prepared.fold.folded))
 
     if config.pipeline == "advanced":
@@ -145,7 +150,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         lap("adaquant")
     else:
         for name in layer_names:
-            init_weight_range(qmodel.get_submodule(name), config.weight_range_method)
+            init_weight_range(qmodel.get_submodule(name), config.weight_range_method, name)
         calibrate_activation_ranges(qmodel, batches, config.activation_range_method, seed=config.seed,
                                     progress=config.progress)
         lap("calibrate_ranges")
@@ -169,4 +174,21 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         p.requires_grad_(False)
     report.stage_seconds = timings
     qmodel.hf_adaquant_report = report
+    for finalize in list(_MODEL_FINALIZERS.values()):
+        finalize(qmodel)
     return qmodel
+
+
+# Integrations adapt a returned model to their library (e.g. transformers: save_pretrained writes the quantized
+# format) without this module importing them: they register here, quantize() calls them (dependency inversion).
+_MODEL_FINALIZERS: dict[str, Callable[[nn.Module], None]] = {}
+
+
+def register_model_finalizer(finalizer: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Have :func:`quantize` call ``finalizer(qmodel)`` on every model it returns (after the report is attached).
+
+    A finalizer acts only on the models it knows (checks their type). Registering a function of the same module
+    and name again replaces it, so reloading an integration does not run it twice.
+    """
+    _MODEL_FINALIZERS[f"{finalizer.__module__}.{finalizer.__qualname__}"] = finalizer
+    return finalizer

@@ -1,4 +1,7 @@
-"""``AdaQuantQuantizer``: the Optimum-style entry point (from_pretrained -> get_calibration_dataset -> quantize).
+"""``AdaQuantQuantizer``: an ``optimum`` quantizer (from_pretrained -> get_calibration_dataset -> quantize).
+
+It subclasses ``optimum.quantization_base.OptimumQuantizer`` and follows the ORT/OpenVINO quantizers' argument
+names (``get_calibration_dataset(dataset_name, num_samples, dataset_config_name, dataset_split, ...)``).
 
 Example:
     >>> quantizer = AdaQuantQuantizer.from_pretrained("timm/resnet18.a1_in1k")
@@ -14,12 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
+from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from .config import AdaQuantConfig
 from .integrations.calibration import dataset_to_batches, load_calibration_dataset
 from .quantize import quantize
 from .serialization.checkpoint import model_kind, save_quantized
+from .utils.deprecation import renamed_kwargs
 
 __all__ = ["AdaQuantQuantizer", "TASK_AUTO_CLASSES"]
 
@@ -57,8 +63,8 @@ def _load_transformers(name_or_path: str, task: str | None, **kwargs: Any) -> nn
     return cls.from_pretrained(name_or_path, dtype=kwargs.pop("dtype", torch.float32), **kwargs).eval()
 
 
-class AdaQuantQuantizer:
-    """Quantize a transformers, timm or plain PyTorch model with AdaQuant, Optimum style.
+class AdaQuantQuantizer(OptimumQuantizer):
+    """Quantize a transformers, timm or plain PyTorch model with AdaQuant (an ``optimum`` ``OptimumQuantizer``).
 
     Args:
         model: the float model (not modified: :meth:`quantize` works on a copy).
@@ -117,21 +123,23 @@ class AdaQuantQuantizer:
             return cls(timm.create_model(hub_id, pretrained=True, **kwargs), task)
         return cls(_load_transformers(name, task, **kwargs), task)
 
-    def get_calibration_dataset(self, dataset_name_or_path_or_list: Any, num_samples: int = 100, *,
-                                preprocess_function: Callable | None = None, split: str = "train",
-                                seed: int = 0, dataset_config_name: str | None = None,
-                                preprocess_batch: bool = True, **load_kwargs: Any):
+    @renamed_kwargs(split="dataset_split", dataset_name_or_path_or_list="dataset_name")
+    def get_calibration_dataset(self, dataset_name: Any, num_samples: int = 100, dataset_config_name: str | None = None,
+                                dataset_split: str = "train", preprocess_function: Callable | None = None,
+                                preprocess_batch: bool = True, seed: int = 2016, token: str | bool | None = None,
+                                **load_kwargs: Any) -> datasets.Dataset:
         """A ``datasets.Dataset`` of ``num_samples`` shuffled rows, mapped through ``preprocess_function``.
 
-        ``dataset_name_or_path_or_list``: a Hub dataset name (needs network), a local ``.json``/``.jsonl`` file,
-        an image folder, a ``save_to_disk`` directory, a ``datasets.Dataset``, or a list of strings / dicts.
-        ``preprocess_function`` should produce the model's inputs (``input_ids``/``attention_mask``... for
-        transformers, ``pixel_values`` for vision models); other columns are dropped.
+        Same arguments as ``ORTQuantizer`` / ``OVQuantizer.get_calibration_dataset``. ``dataset_name``: a Hub
+        dataset name (needs network), a local ``.json``/``.jsonl`` file, an image folder, a ``save_to_disk``
+        directory, a ``datasets.Dataset``, or a list of strings / dicts. ``preprocess_function`` should produce the
+        model's inputs (``input_ids``/``attention_mask``... for transformers, ``pixel_values`` for vision models);
+        other columns are dropped. The old names ``split=`` and ``dataset_name_or_path_or_list=`` still work, with
+        a ``FutureWarning``.
         """
-        return load_calibration_dataset(dataset_name_or_path_or_list, num_samples, split=split,
-                                        dataset_config_name=dataset_config_name,
-                                        preprocess_function=preprocess_function, preprocess_batch=preprocess_batch,
-                                        seed=seed, **load_kwargs)
+        return load_calibration_dataset(dataset_name, num_samples, dataset_config_name=dataset_config_name,
+                                        dataset_split=dataset_split, preprocess_function=preprocess_function,
+                                        preprocess_batch=preprocess_batch, seed=seed, token=token, **load_kwargs)
 
     def quantize(self, quantization_config: AdaQuantConfig, calibration_dataset: Any,
                  save_dir: str | os.PathLike | None = None, *, save_directory: str | os.PathLike | None = None,

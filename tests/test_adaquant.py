@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import tempfile
 
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 
 from hf_adaquant import AdaQuantConfig, prepare_model
 from hf_adaquant.adaquant import IOCache, capture_layer_io, layerwise, optimize_layer, run_adaquant
+from hf_adaquant.adaquant.cache import capture_layers_io
 from hf_adaquant.nn import QConv2d
 from hf_adaquant.utils.seeding import make_generator
 
@@ -305,3 +308,99 @@ def test_weight_learning_rates_are_per_channel_steps() -> None:
     # Adam's first step moves every element by lr: here 1e-2 of its channel's step, whatever that step is.
     torch.testing.assert_close(moved, 1e-2 * s0[:, None].expand_as(moved), rtol=1e-2, atol=0)  # float32 of W
     torch.testing.assert_close(s0 - layer.weight_quantizer.scale.detach(), 1e-2 * s0, rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------- values the fp16 cache cannot hold
+
+
+def _huge_activation_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("variant", ["sequential", "parallel"])
+def test_activations_beyond_fp16_give_a_finite_accurate_model(variant: str, caplog) -> None:
+    """Inputs of ~1e5 overflow fp16 (max 65504): the default fp16 cache used to store inf, giving inf input steps
+    and an all-NaN model. The stream is now kept in float32 and the model matches the FP one."""
+    from hf_adaquant import quantize
+
+    model = _huge_activation_net()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1e5
+    config = fast_config(weight_bits=8, activation_bits=8, iterations=5, batch_size=4, bias_tuning_steps=2,
+                         first_last_bits=None, variant=variant)
+    assert config.cache_dtype == "float16"
+    with caplog.at_level(logging.INFO, logger="hf_adaquant.adaquant.cache"):
+        qmodel = quantize(model, [x], config)
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    for report in qmodel.hf_adaquant_report.layers:
+        assert math.isfinite(report["mse_before"]) and report["mse_after"] <= report["mse_before"]
+    assert "layer '0'" in caplog.text and "float32" in caplog.text
+
+
+def test_cache_widens_to_float32_only_for_the_overflowing_stream() -> None:
+    model = _huge_activation_net()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1e5
+    small = capture_layer_io(model, model, "0", [x / 1e3])
+    big = capture_layer_io(model, model, "0", [x / 1e3, x])
+    try:
+        assert small.x.chunks[0].dtype == torch.float16 and small.y.chunks[0].dtype == torch.float16
+        assert big.x.dtype == torch.float32 and big.x.chunks[1].dtype == torch.float32
+        assert big.x.chunks[0].dtype == torch.float16  # the first batch fitted fp16 and stays so
+        x_cached, _ = _cached(big)
+        assert torch.isfinite(x_cached).all() and torch.equal(x_cached[4:], x)
+    finally:
+        small.cleanup()
+        big.cleanup()
+
+
+def test_non_finite_activation_is_refused_naming_layer_and_batch() -> None:
+    class Overflowing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean(dim=(2, 3)) * 1e38)  # inf in float32 for large inputs
+
+    model = Overflowing().eval()
+    batches = [torch.randn(2, 3, 4, 4) * 1e-3, torch.randn(2, 3, 4, 4) * 1e3]
+    for capture in (lambda: capture_layer_io(model, model, "fc", batches),
+                    lambda: capture_layers_io(model, ["conv", "fc"], batches)):
+        with pytest.raises(ValueError, match=r"inputs of layer 'fc' contain NaN or inf.*calibration batch 1"):
+            capture()
+
+
+def test_non_finite_weights_give_an_error_naming_the_layer() -> None:
+    from hf_adaquant.nn import quantize_module
+
+    layer = quantize_module(nn.Linear(4, 2), 4, 8)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    fp = nn.Sequential(nn.Linear(4, 2)).eval()
+    cache = capture_layer_io(fp, fp, "0", [torch.randn(8, 4)])
+    with pytest.raises(ValueError, match=r"weight range of layer 'head'.*non-finite"):
+        optimize_layer(layer, cache, fast_config(iterations=2), make_generator(0, 0), name="head")
+
+
+def test_non_finite_loss_never_beats_a_finite_one() -> None:
+    assert layerwise._improves(1.0, float("nan")) and layerwise._improves(1.0, float("inf"))
+    assert not layerwise._improves(float("nan"), 1.0) and not layerwise._improves(float("inf"), 1.0)
+    assert not layerwise._improves(float("nan"), float("nan"))
+    assert layerwise._improves(0.5, 1.0) and not layerwise._improves(1.0, 0.5)
+
+
+def test_optimize_layer_keeps_the_initialisation_when_training_turns_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN checkpoint loss must not replace the range initialisation (``nan < best`` is False, but a NaN
+    *initial* loss used to make every later comparison False as well)."""
+    conv, cache, _ = _random_conv_cache(seed=7)
+    from hf_adaquant.nn import quantize_module
+
+    layer = quantize_module(conv, 4, 8)
+    losses = iter([float("nan"), 2.0, float("nan"), 1.0, float("inf"), float("nan")])
+    monkeypatch.setattr(layerwise, "_evaluate", lambda *args, **kwargs: next(losses))
+    report = optimize_layer(layer, cache, fast_config(iterations=5), make_generator(0, 0), name="conv")
+    assert report.mse_after == 1.0

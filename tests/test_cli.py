@@ -139,3 +139,92 @@ def test_console_script_help():
     assert proc.returncode == 0
     for command in ("quantize", "evaluate", "push"):
         assert command in proc.stdout
+
+
+# ---------------------------------------------------------------------------------- failures: one line, nothing lost
+_PREFIX = "hf-adaquant quantize: error:"
+
+
+def _no_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def _patch(monkeypatch, name: str, value) -> None:
+    """Replace ``name`` where the CLI looks it up (the recipes package, or cli itself if imported there)."""
+    import hf_adaquant.cli as cli
+    import hf_adaquant.recipes as recipes
+
+    monkeypatch.setattr(recipes, name, value)
+    monkeypatch.setattr(cli, name, value, raising=False)
+
+
+def test_failed_evaluation_keeps_the_quantized_checkpoint(tmp_path, capsys, monkeypatch):
+    """The evaluation used to run inside the staging folder: its failure deleted the finished checkpoint."""
+    recipe = _recipe(tmp_path)
+    out_dir = tmp_path / "out" / "tiny"
+
+    class Exploding:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, models):
+            raise RuntimeError("evaluation\nexploded")
+
+    _patch(monkeypatch, "build_evaluator", Exploding)
+    rc, stdout, err = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(out_dir),
+                                    "--set", "quantization.iterations=1"])
+    assert rc == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{_PREFIX} RuntimeError: evaluation exploded"), err
+    assert "only the evaluation failed" in lines[0] and str(out_dir) in lines[0] and "Traceback" not in err
+    assert json.loads(stdout)["evaluation_error"] == "RuntimeError: evaluation exploded"
+    assert {"config.json", "adaquant_model.safetensors", "recipe.yaml"} <= {p.name for p in out_dir.iterdir()}
+    assert not (out_dir / "eval_results.json").exists()
+    assert _no_leftovers(out_dir.parent) == []
+    with np.load(tmp_path / "eval.npz") as data:
+        x = normalize_cifar(data["x"][:4])
+    with torch.no_grad():
+        assert torch.isfinite(load_quantized(out_dir)(x)).all()  # a complete, loadable checkpoint
+
+
+def test_internal_error_is_one_line_with_its_own_exit_code(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path)
+    out_dir = tmp_path / "out" / "tiny"
+    monkeypatch.setenv("HF_ADAQUANT_TEST_FAIL_LAYER", "*")  # RuntimeError inside quantize(), on the first layer
+    rc, stdout, err = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(out_dir)])
+    assert rc == 1 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{_PREFIX} RuntimeError: injected failure") and "--debug" in lines[0]
+    assert not out_dir.exists()
+    with pytest.raises(RuntimeError, match="injected failure"):  # --debug: the traceback
+        main(["--debug", "quantize", "--recipe", str(recipe), "--output", str(out_dir)])
+
+
+def test_keyboard_interrupt_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _patch(monkeypatch, "build_model", interrupted)
+    rc, _, err = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(tmp_path / "o")])
+    assert rc == 130
+    assert err.strip().splitlines() == [f"{_PREFIX} KeyboardInterrupt: interrupted"]
+
+
+def test_overwrite_replaces_a_file_and_leaves_nothing_behind(tmp_path, capsys):
+    """--overwrite over a FILE used to leave '.name.old' (rmtree cannot remove a file, and errors were ignored)."""
+    recipe = _recipe(tmp_path)
+    target = tmp_path / "out" / "tiny.bin"
+    target.parent.mkdir()
+    target.write_text("an old file")
+    rc, _, err = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(target), "--no-eval",
+                               "--set", "quantization.iterations=1"])
+    _assert_one_line_error(rc, err, "quantize", "exists and is not empty")
+    assert target.read_text() == "an old file"
+    rc, stdout, _ = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(target), "--no-eval",
+                                  "--overwrite", "--set", "quantization.iterations=1"])
+    assert rc == 0 and json.loads(stdout)["output"] == str(target)
+    assert target.is_dir() and (target / "config.json").is_file()
+    assert _no_leftovers(target.parent) == []

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +25,8 @@ from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn  
 
 from hf_adaquant import quantize  # noqa: E402
 from hf_adaquant.adaquant import layerwise  # noqa: E402
-from hf_adaquant.distributed import WorkDirMismatchError, assign_layers, run_fingerprint, shard_batches  # noqa: E402
+from hf_adaquant.distributed import (WorkDir, WorkDirCorruptError, WorkDirMismatchError, assign_layers,  # noqa: E402
+                                     run_fingerprint, shard_batches)
 
 WORKER = Path(__file__).resolve()
 ITERATIONS = 6
@@ -82,8 +85,12 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", nargs="+", default=["parallel"])
     parser.add_argument("--work-dir")
+    parser.add_argument("--kill-after-layers", type=int, help="SIGKILL this process after N checkpointed layers")
     args = parser.parse_args(argv)
     from hf_adaquant.distributed import get_context
+
+    if args.kill_after_layers:
+        _kill_after_saving(args.kill_after_layers)
 
     rank = get_context().rank
     for variant in args.variants:
@@ -100,6 +107,19 @@ def _worker(argv: list[str]) -> None:
         layerwise.optimize_layer = real
         torch.save({"state": qmodel.state_dict(), "layers": qmodel.hf_adaquant_report.layers, "optimised": seen},
                    Path(args.out) / f"{variant}_rank{rank}.pt")
+
+
+def _kill_after_saving(num_layers: int) -> None:
+    """Make this process die by SIGKILL right after its ``num_layers``-th layer checkpoint is written."""
+    real, saved = WorkDir.save_layer, []
+
+    def save_then_maybe_die(self, name, layer, report):
+        real(self, name, layer, report)
+        saved.append(name)
+        if len(saved) >= num_layers:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    WorkDir.save_layer = save_then_maybe_die
 
 
 # ----------------------------------------------------------------------------------- unit: schedule
@@ -164,6 +184,88 @@ def test_mismatched_work_dir_is_rejected_naming_the_difference(tmp_path: Path,
         quantize(model, batches, _config("parallel", iterations=1), work_dir=foreign)
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def _edit_metadata(path: Path, **changes: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**metadata, **changes})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flipped_byte", r"does not match its SHA-256 digest"),
+    ("truncated", r"cannot be read \(SafetensorError"),
+    ("empty", r"cannot be read"),
+    ("edited_report", r"does not match its SHA-256 digest"),
+    ("bad_json", r"does not match its SHA-256 digest"),
+    ("other_layer", r"it holds layer 'conv1'"),
+])
+def test_damaged_layer_file_is_refused_naming_file_and_layer(damage: str, message: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work-dir layer file that was damaged or edited is never loaded: the error names the file, the layer and
+    the remedy; deleting the file recomputes that layer, bitwise as in the first run."""
+    model, batches = _data()
+    config = _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False)
+    work = tmp_path / "work"
+    first = quantize(model, batches, config, work_dir=work)
+    file = work / "layers" / "conv2.safetensors"
+    if damage == "flipped_byte":
+        _flip_last_byte(file)
+    elif damage == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    elif damage == "empty":
+        file.write_bytes(b"")
+    elif damage == "edited_report":
+        report = json.loads(json.loads(json.dumps({"r": _read_metadata(file)["report"]}))["r"])
+        _edit_metadata(file, report=json.dumps({**report, "mse_after": 0.0}))
+    elif damage == "bad_json":
+        _edit_metadata(file, attributes="{not json")
+    else:
+        file.write_bytes((work / "layers" / "conv1.safetensors").read_bytes())
+    with pytest.raises(WorkDirCorruptError, match=rf"{file}.* of layer 'conv2' is unusable: .*{message}.*"
+                                                  r"Delete this file to recompute that layer"):
+        quantize(model, batches, config, work_dir=work)
+    file.unlink()
+    seen = _count_optimised(monkeypatch)
+    again = quantize(model, batches, config, work_dir=work)
+    assert seen == ["conv2"]
+    _assert_same_state(again.state_dict(), first.state_dict())
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_unreadable_fingerprint_and_restart_without_finished_layers(tmp_path: Path) -> None:
+    model, batches = _data()
+    config = _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False)
+    work = tmp_path / "work"
+    quantize(model, batches, config, work_dir=work)
+    fingerprint = work / "fingerprint.json"
+    fingerprint.write_text(fingerprint.read_text()[:40])
+    with pytest.raises(WorkDirCorruptError, match=r"fingerprint.json is not valid JSON.*Delete the work dir"):
+        quantize(model, batches, config, work_dir=work)
+    # No finished layer: nothing to lose, the work dir is taken over by the new run (damaged or other fingerprint).
+    for layer_file in (work / "layers").glob("*.safetensors"):
+        layer_file.unlink()
+    quantize(model, batches, config, work_dir=work)
+    assert json.loads(fingerprint.read_text())["config"]["iterations"] == 1
+    for layer_file in (work / "layers").glob("*.safetensors"):
+        layer_file.unlink()
+    quantize(model, batches, config.replace(iterations=2), work_dir=work)
+    assert json.loads(fingerprint.read_text())["config"]["iterations"] == 2
+
+
 def test_fingerprint_records_processes_only_for_sequential() -> None:
     from hf_adaquant import prepare_model
 
@@ -191,7 +293,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(variant: str, tmp_path: 
     reference = quantize(model, batches, _config(variant))
     work = tmp_path / "work"
     killed = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp_path), "--variants", variant,
-                             "--work-dir", str(work)], env=_env(HF_ADAQUANT_TEST_KILL_AFTER_LAYERS="2"),
+                             "--work-dir", str(work), "--kill-after-layers", "2"], env=_env(),
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / f"{variant}_rank0.pt").exists()

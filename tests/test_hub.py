@@ -54,8 +54,8 @@ def test_push_uploads_card_and_checkpoint_that_reloads_identically(checkpoint, t
     result = push_to_hub(save_dir, "someone/test-resnet-w4a8", api=api, token=TOKEN, private=True,
                          eval_results=EVAL_RESULTS, base_model="timm/test_resnet.r160_in1k")
 
-    # one create_repo(exist_ok=True) then one upload_folder, token handed to the API (and nowhere else)
-    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    # one create_repo(exist_ok=True) then one create_commit, token handed to the API (and nowhere else)
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
     assert api.calls[0][1]["exist_ok"] is True and api.calls[0][1]["private"] is True
     assert api.calls[1][1]["token"] == TOKEN and api.calls[1][1]["create_pr"] is False
     assert result.commit_url.endswith("/commit/" + "1".zfill(40))
@@ -105,7 +105,7 @@ def test_push_reads_side_cars_and_keeps_user_readme_out_of_save_dir(checkpoint, 
     api = LocalHubApi(tmp_path / "hub")
     push_to_hub(save_dir, "someone/r", api=api, create_pr=True)
     repo = api.repo_dir("someone/r")
-    assert (save_dir / "README.md").read_text() == "my own notes\n"  # hard-linked staging did not write through
+    assert (save_dir / "README.md").read_text() == "my own notes\n"  # the card replaced it in the upload only
     card = ModelCard.load(repo / "README.md")
     assert "name: tiny-recipe" in card.text  # the recipe is shown in the card
     assert {r.metric_value for r in card.data.eval_results} == {0.8125, 0.796875}  # from eval_results.json
@@ -121,8 +121,8 @@ def test_failed_upload_leaves_checkpoint_and_no_staging(checkpoint, tmp_path, mo
     monkeypatch.setattr("tempfile.tempdir", str(tmp_root))
 
     class FailingApi(LocalHubApi):
-        def upload_folder(self, **kwargs):
-            assert (Path(kwargs["folder_path"]) / "README.md").is_file()
+        def create_commit(self, repo_id, operations, **kwargs):
+            assert "README.md" in [op.path_in_repo for op in operations]
             raise OSError("connection reset")
 
     with pytest.raises(OSError, match="connection reset"):
@@ -191,3 +191,42 @@ def test_card_for_plain_pytorch_checkpoint_explains_the_skeleton(tmp_path):
     text = build_model_card(read_checkpoint_info(tmp_path), "me/net").text
     assert "pkg.nets.MyNet" in text and 'load_quantized("me/net", model=float_model)' in text
     assert "W4A4 post-training quantization of a float model" in text
+
+
+def test_push_passes_hub_arguments_in_one_commit(checkpoint, tmp_path):
+    save_dir, _, _ = checkpoint
+    before = _snapshot(save_dir)
+    api = LocalHubApi(tmp_path / "hub")
+    result = push_to_hub(save_dir, "someone/r", api=api, token=TOKEN, revision="w4a8", commit_message="msg",
+                         commit_description="long description", tags=["imagenet", "adaquant"])
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "create_commit"]
+    repo_call, branch_call, commit = (c[1] for c in api.calls)
+    assert repo_call["private"] is None and repo_call["exist_ok"] is True  # private=None: the Hub's default
+    assert branch_call == dict(repo_id="someone/r", branch="w4a8", token=TOKEN, repo_type="model", exist_ok=True)
+    assert commit["revision"] == "w4a8" and commit["commit_message"] == "msg"
+    assert commit["commit_description"] == "long description" and commit["token"] == TOKEN
+    assert commit["create_pr"] is False and commit["repo_type"] == "model"
+    assert sorted(commit["operations"]) == sorted(set(before) | {"README.md"})
+    assert result.commit_description == "long description"
+    card = ModelCard.load(api.repo_dir("someone/r", "w4a8") / "README.md")
+    assert card.data.tags[:2] == ["hf-adaquant", "adaquant"] and card.data.tags[-1] == "imagenet"
+    assert card.data.tags.count("adaquant") == 1
+    assert _snapshot(save_dir) == before
+
+
+def test_push_defaults_match_huggingface_hub(checkpoint, tmp_path):
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    params = inspect.signature(push_to_hub).parameters
+    for name, default in dict(private=None, token=None, revision=None, commit_message=None,
+                              commit_description=None, create_pr=False, tags=None).items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default == default, name
+    assert set(params) >= set(inspect.signature(HfApi.create_commit).parameters) & {
+        "commit_message", "commit_description", "token", "revision", "create_pr"}
+    save_dir, _, _ = checkpoint
+    api = LocalHubApi(tmp_path / "hub")
+    push_to_hub(save_dir, "someone/r", api=api, create_pr=True, revision="refs/pr/3")
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]  # a PR ref is never made a branch
+    assert api.calls[1][1]["commit_message"].startswith("Upload AdaQuant")

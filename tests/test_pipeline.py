@@ -218,6 +218,69 @@ def test_nan_error_names_the_batch(tiny_cnn, calib_batches) -> None:
         quantize(tiny_cnn, _nan_batches(calib_batches), fast_config())
 
 
+@pytest.mark.parametrize("case, message", [
+    ("channels", r"calibration batch 3, input 0: has shape \(4, 5, 32, 32\), but batch 0 has \(16, 3, 32, 32\) "
+                 r"\(another number of channels\)"),
+    ("dtype", r"calibration batch 3, input 0: has dtype torch.float64, but batch 0 has torch.float32"),
+    ("dims", r"calibration batch 3, input 0: has shape \(16, 3, 32\), but batch 0 has \(16, 3, 32, 32\)"),
+    ("container", r"calibration batch 3 is a tuple/list of 2 inputs, but batch 0 is a tensor"),
+])
+def test_a_bad_later_batch_is_refused_before_any_work(case: str, message: str, tiny_cnn, calib_batches,
+                                                     tmp_path) -> None:
+    """Every batch is checked against the first before anything runs: nothing is written to the work dir."""
+    bad = {"channels": torch.randn(4, 5, 32, 32), "dtype": calib_batches[3].double(),
+           "dims": calib_batches[3][:, :, 0], "container": (calib_batches[3], calib_batches[3])}[case]
+    with pytest.raises(ValueError, match=message):
+        quantize(tiny_cnn, calib_batches[:3] + [bad], fast_config(iterations=2), work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_dict_batches_with_other_keys_are_refused_and_lengths_may_differ() -> None:
+    from hf_adaquant.utils.batches import materialize_batches
+
+    ids = {"input_ids": torch.ones(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    longer = {k: torch.ones(3, 12, dtype=torch.long) for k in ids}  # another sequence length: fine
+    assert len(materialize_batches([ids, longer])) == 2
+    with pytest.raises(ValueError, match=r"calibration batch 1 is a dict with keys \['input_ids'\], but batch 0 "
+                                         r"is a dict with keys \['attention_mask', 'input_ids'\]"):
+        materialize_batches([ids, {"input_ids": ids["input_ids"]}])
+
+
+def _fixed_size_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+
+
+@pytest.mark.parametrize("pipeline, variant", [("light", "sequential"), ("advanced", "parallel"),
+                                               ("advanced", "sequential")])
+def test_model_error_on_a_later_batch_names_it(pipeline: str, variant: str, tmp_path) -> None:
+    """A batch of the right structure that the model rejects (8x8 images only): the error names batch 2 and keeps
+    the model's own error as its cause; a corrected re-run on the same work dir runs when no layer was finished
+    before the failure, and is refused (naming the difference) when one was."""
+    from hf_adaquant.distributed import WorkDirMismatchError
+    from hf_adaquant.utils.batches import CalibrationBatchError
+
+    g = torch.Generator().manual_seed(0)
+    good = [torch.randn(8, 3, 8, 8, generator=g) for _ in range(4)]
+    bad = good[:2] + [torch.randn(8, 3, 6, 6, generator=g)] + good[3:]
+    config = fast_config(pipeline=pipeline, variant=variant, iterations=2, bias_tuning_steps=2)
+    work = tmp_path / "work"
+    with pytest.raises(CalibrationBatchError, match=r"the model failed on calibration batch 2: RuntimeError: "
+                                                    r"mat1 and mat2 shapes cannot be multiplied") as info:
+        quantize(_fixed_size_model(), bad, config, work_dir=work)
+    assert info.value.batch_index == 2 and isinstance(info.value.__cause__, RuntimeError)
+    if pipeline == "light":
+        return
+    finished = list((work / "layers").glob("*.safetensors"))
+    if variant == "parallel":  # the capture failed before any layer was optimised: the re-run is accepted
+        assert finished == []
+        quantize(_fixed_size_model(), good, config, work_dir=work)
+    else:  # layer "0" was finished on the bad data: mixing it with the corrected run is refused
+        assert [p.name for p in finished] == ["0.safetensors"]
+        with pytest.raises(WorkDirMismatchError, match="calibration data"):
+            quantize(_fixed_size_model(), good, config, work_dir=work)
+
+
 @pytest.mark.parametrize("field,value", [("pipeline", "heavy"), ("variant", "diagonal"),
                                          ("weight_range_method", "entropy"),
                                          ("activation_range_method", "kl"), ("cache_dtype", "int8"),

@@ -208,6 +208,122 @@ def test_untraceable_model_quantizes(calib_batches: list[torch.Tensor]) -> None:
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+class UntraceableMixedBlocks(nn.Module):
+    """Untraceable; registration order suggests conv -> BN pairs that are wrong for two of them.
+
+    conv1 -> bn1 -> relu is a real pair. bn2 is registered after conv2 but normalises conv2's *input*; bn3 follows
+    conv3 but conv3's output also feeds the residual add, so folding bn3 would change the skip path too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        if x.mean() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = x * 2
+        x = self.conv2(self.bn2(x))
+        y = self.conv3(x)
+        x = self.bn3(y) + y
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _relative_max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_untraceable_wrong_folds_are_skipped_with_example_batch(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = randomize_batchnorms(UntraceableMixedBlocks(), seed=7)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    blind = copy.deepcopy(model)
+    fold_batchnorms(blind)  # without an example batch: folding by module order alone, unchecked
+    with torch.no_grad():
+        assert _relative_max_error(blind(x), ref) > 1e-2  # the wrong folds really change the model
+
+    folded = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="hf_adaquant"):
+        result = fold_batchnorms(folded, x)
+    with torch.no_grad():
+        assert _relative_max_error(folded(x), ref) <= 1e-5
+    assert not result.traced and result.verified
+    assert result.folded == {"bn1": "conv1"} and set(result.bn_targets) == {"conv1"}
+    assert {bn: s.conv for bn, s in result.skipped.items()} == {"bn2": "conv2", "bn3": "conv3"}
+    assert all(s.relative_change > 1e-5 for s in result.skipped.values())
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, _BatchNorm)
+    assert isinstance(folded.bn3, _BatchNorm) and folded.conv2.bias is not None and folded.conv1.bias is not None
+    assert result.output_activations.get("conv1") == "relu"
+    for bn, conv in (("bn2", "conv2"), ("bn3", "conv3")):
+        assert any(bn in r.getMessage() and conv in r.getMessage() and "changed the model's output" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.WARNING), (bn, conv)
+    # Other batches agree too: the kept fold is exact, the skipped BNs untouched.
+    x2 = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert _relative_max_error(folded(x2), model(x2)) <= 1e-5
+
+
+def test_skipped_fold_restores_a_conv_without_bias() -> None:
+    class BnBeforeConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.bn(x)) if x.sum() > -1e9 else x
+
+    torch.manual_seed(1)
+    model = randomize_batchnorms(BnBeforeConv(), seed=1)
+    folded = copy.deepcopy(model)
+    result = fold_batchnorms(folded, torch.randn(2, 4, 6, 6))
+    assert result.folded == {} and set(result.skipped) == {"bn"}
+    assert folded.conv.bias is None and torch.equal(folded.conv.weight, model.conv.weight)
+    assert_state_dict_equal(state_dict_clone(folded), state_dict_clone(model))
+
+
+def test_untraceable_model_is_not_folded_when_the_check_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    """A batch the model cannot run leaves nothing to verify against: guessed (module-order) folds are skipped."""
+    torch.manual_seed(0)
+    model = randomize_batchnorms(UntraceableMixedBlocks(), seed=7)
+    folded = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="hf_adaquant"):
+        result = fold_batchnorms(folded, torch.randn(2, 5, 12, 12))  # 5 channels, the model takes 3
+    assert not result.verified and result.folded == {} and _bn_count(folded) == 3
+    assert set(result.skipped) == {"bn1", "bn2", "bn3"}
+    assert "fails on the example batch" in str(result.skipped["bn1"]) and "cannot verify" in caplog.text
+    assert_state_dict_equal(state_dict_clone(folded), state_dict_clone(model))
+
+
+def test_traced_folding_is_verified_too(tiny_cnn: TinyCNN, calib_batches: list[torch.Tensor]) -> None:
+    folded = copy.deepcopy(tiny_cnn)
+    result = fold_batchnorms(folded, calib_batches[0])
+    assert result.traced and result.verified and result.skipped == {}
+    assert set(result.folded) == {"bn1", "bn2", "bn3", "bn4"} and _bn_count(folded) == 0
+    with torch.no_grad():
+        assert _relative_max_error(folded(calib_batches[1]), tiny_cnn(calib_batches[1])) <= 1e-5
+
+
+def test_prepare_model_folds_only_verified_pairs(calib_batches: list[torch.Tensor]) -> None:
+    batches = [b[:, :, :12, :12] for b in calib_batches]
+    torch.manual_seed(0)
+    model = fit_batchnorm_stats(randomize_batchnorms(UntraceableMixedBlocks(), seed=7), batches)
+    prepared = prepare_model(model, batches[0], fast_config(weight_bits=8, activation_bits=8))
+    assert set(prepared.fold.skipped) == {"bn2", "bn3"} and prepared.fold.folded == {"bn1": "conv1"}
+    with torch.no_grad():
+        assert _relative_max_error(prepared.fp_model(batches[1]), model(batches[1])) <= 1e-5
+    assert prepared.qmodel.conv2.output_activation is None and prepared.qmodel.conv1.output_activation == "relu"
+
+
 # ------------------------------------------------------------------------------------ caller never mutated
 
 
@@ -332,6 +448,30 @@ def test_include_exclude_patterns(tiny_layers) -> None:
     assert list(plan) == ["conv2", "dw", "pw"]
     with pytest.raises(ValueError, match="no quantizable layer left"):
         plan_layer_bits(tiny_layers, 4, 4, exclude=["*"])
+
+
+def test_single_pattern_string_is_one_pattern(tiny_layers, tiny_cnn: TinyCNN,
+                                              calib_batches: list[torch.Tensor]) -> None:
+    """A string is one pattern, not a list of one-character patterns ("*" would select every layer)."""
+    assert list(plan_layer_bits(tiny_layers, 4, 4, include="conv*")) == ["conv1", "conv2"]
+    assert list(plan_layer_bits(tiny_layers, 4, 4, exclude="dw")) == ["conv1", "conv2", "pw", "fc"]
+    qmodel = quantize(tiny_cnn, calib_batches, fast_config(pipeline="light", include="conv*", exclude="conv2"))
+    assert isinstance(qmodel.conv1, QConv2d) and type(qmodel.conv2) is nn.Conv2d and type(qmodel.fc) is nn.Linear
+    assert list(qmodel.hf_adaquant_report.plan) == ["conv1"]
+
+
+def test_meta_model_is_refused_naming_its_tensors(calib_batches: list[torch.Tensor]) -> None:
+    """A model without values (init_empty_weights / device_map="meta") fails up front, not deep in the cache."""
+    with torch.device("meta"):
+        model = TinyCNN()
+    with pytest.raises(ValueError, match=r"'meta' device.*conv1\.weight, bn1\.weight.*\(\d+ in all\).*real weights"):
+        quantize(model, calib_batches, fast_config(iterations=2))
+    with pytest.raises(ValueError, match=r"'meta' device.*conv1\.weight"):
+        prepare_model(model, calib_batches[0], fast_config())
+    partly = TinyCNN()
+    partly.fc.bias = nn.Parameter(torch.empty(10, device="meta"))  # one tensor left unloaded is enough
+    with pytest.raises(ValueError, match=r"'meta' device, which hold no values: fc\.bias\. "):
+        quantize(partly, calib_batches, fast_config(iterations=2))
 
 
 def test_layer_bits_overrides(tiny_layers) -> None:

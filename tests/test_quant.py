@@ -163,6 +163,19 @@ def test_set_range_rejects_wrong_channel_count() -> None:
         q.set_range(torch.zeros(4), torch.ones(4))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_set_range_refuses_non_finite_bounds(bad: float) -> None:
+    """An inf bound used to give an inf step (every output NaN); now it is refused and the quantizer untouched."""
+    lo, hi = (torch.tensor([bad]), torch.tensor([1.0])) if bad < 0 else (torch.tensor([-1.0]), torch.tensor([bad]))
+    q = Quantizer(8)
+    with pytest.raises(ValueError, match="non-finite bounds"):
+        q.set_range(lo, hi)
+    assert not bool(q.initialized)
+    pc = Quantizer(4, channel_axis=0, num_channels=3)
+    with pytest.raises(ValueError, match="1 of 3 channels non-finite"):
+        pc.set_range(torch.tensor([0.0, bad, 0.0]), torch.ones(3))
+
+
 # ---------------------------------------------------------------------------------------------- qparams
 
 
@@ -353,3 +366,34 @@ def test_range_observer_memory_is_bounded() -> None:
         obs.update(torch.randn(4, 100))
     assert 0 < sum(v.numel() for v in obs._values) <= 640
     assert obs.num_samples == 800
+
+
+def test_range_observer_refuses_nan_and_inf() -> None:
+    """Python's min()/max() silently skip a NaN batch extreme: the observer must refuse it instead."""
+    for bad in (float("nan"), float("inf")):
+        obs = RangeObserver(seed=0)
+        x = torch.randn(4, 10)
+        x[2, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            obs.update(x)
+
+
+def test_calibration_names_layer_and_batch_of_non_finite_activations() -> None:
+    from torch import nn
+
+    from hf_adaquant.calibrate import calibrate_activation_ranges, init_weight_range
+    from hf_adaquant.nn import quantize_module
+
+    class Blowup(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 1e38  # overflows float32 for |x| > ~3.4
+
+    model = nn.Sequential(Blowup(), quantize_module(nn.Linear(4, 2), 8, 8)).eval()
+    init_weight_range(model[1], "minmax", "1")
+    batches = [torch.full((2, 4), 0.5), torch.full((2, 4), 10.0)]
+    with pytest.raises(ValueError, match=r"input of layer '1' on calibration batch 1: .*NaN or inf"):
+        calibrate_activation_ranges(model, batches, "minmax")
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"weight range of layer '1'.*non-finite"):
+        init_weight_range(model[1], "minmax", "1")

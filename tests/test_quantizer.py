@@ -144,3 +144,58 @@ def test_push_to_hub_delegates_to_hub_module(tmp_path: Path, monkeypatch: pytest
     quantizer.quantize(AdaQuantConfig(**LIGHT), batches, save_dir=tmp_path / "q")
     assert quantizer.push_to_hub("me/x", private=True) == "url"
     assert calls == [(tmp_path / "q", "me/x", {"private": True})]
+
+
+# --------------------------------------------------------------------------------------- optimum conventions
+def test_is_an_optimum_quantizer() -> None:
+    from optimum.quantization_base import OptimumQuantizer
+
+    assert issubclass(AdaQuantQuantizer, OptimumQuantizer)
+    assert isinstance(AdaQuantQuantizer(make_tiny_cnn()), OptimumQuantizer)
+
+
+def test_get_calibration_dataset_has_ort_ov_signature() -> None:
+    import inspect
+
+    params = inspect.signature(AdaQuantQuantizer.get_calibration_dataset).parameters
+    expected = {"dataset_name": inspect.Parameter.empty, "num_samples": 100, "dataset_config_name": None,
+                "dataset_split": "train", "preprocess_function": None, "preprocess_batch": True, "seed": 2016,
+                "token": None}
+    assert list(params)[1:9] == list(expected)
+    assert {name: params[name].default for name in expected} == expected
+
+
+def test_calibration_dataset_old_argument_names_warn_and_work(tmp_path: Path) -> None:
+    import datasets
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t0", "t1", "t2"]}),
+                               "validation": datasets.Dataset.from_dict({"text": ["v0", "v1", "v2", "v3"]})})
+    quantizer = AdaQuantQuantizer(make_tiny_cnn())
+    new = quantizer.get_calibration_dataset(ds, num_samples=10, dataset_split="validation")
+    with pytest.warns(FutureWarning, match="'split' is deprecated.*'dataset_split'"):
+        old = quantizer.get_calibration_dataset(ds, num_samples=10, split="validation")
+    assert sorted(old["text"]) == sorted(new["text"]) == ["v0", "v1", "v2", "v3"]
+    assert old["text"] == new["text"]  # same default seed, same order
+    with pytest.warns(FutureWarning, match="dataset_name_or_path_or_list"):
+        by_old_name = quantizer.get_calibration_dataset(dataset_name_or_path_or_list=["a", "b"], num_samples=5)
+    assert sorted(by_old_name["text"]) == ["a", "b"]
+    with pytest.raises(TypeError, match="both 'split'"):
+        quantizer.get_calibration_dataset(ds, split="train", dataset_split="validation")
+
+
+def test_calibration_dataset_seed_and_token_reach_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    seen: dict = {}
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        seen.update(name=name, config=config, **kwargs)
+        return datasets.Dataset.from_dict({"text": [f"r{i}" for i in range(50)]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    quantizer = AdaQuantQuantizer(make_tiny_cnn())
+    ds = quantizer.get_calibration_dataset("someone/texts", num_samples=5, dataset_config_name="en",
+                                           dataset_split="validation", token="hf_x")
+    assert seen == {"name": "someone/texts", "config": "en", "split": "validation", "token": "hf_x"}
+    expected = datasets.Dataset.from_dict({"text": [f"r{i}" for i in range(50)]}).shuffle(seed=2016)["text"][:5]
+    assert ds["text"] == expected  # optimum's default seed 2016

@@ -113,6 +113,26 @@ def test_overrides_apply_and_are_validated(tmp_path):
         load_recipe(path, ["iterations"])
 
 
+def test_yaml_numbers_and_single_patterns_reach_the_config_as_meant(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string and a pattern may be written without a list: both mean what they say."""
+    text = yaml.safe_dump(_base(), sort_keys=False).replace(
+        "  iterations: 2\n", "  iterations: 2\n  lr_weight: 1e-3\n  include: conv*\n  exclude: fc\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)["quantization"]["lr_weight"] == "1e-3"  # the YAML quirk the recipe layer fixes
+    config = load_recipe(path).quantization
+    assert config.lr_weight == 1e-3 and config.include == ["conv*"] and config.exclude == ["fc"]
+    config = load_recipe(path, ["quantization.lr_bias=2e-4", "quantization.include=dw"]).quantization  # --set
+    assert config.lr_bias == 2e-4 and config.include == ["dw"]
+    with pytest.raises(RecipeError, match=r"quantization: lr_weight must be a finite number >= 0, got the string "
+                                          r"'fast'"):
+        load_recipe(path, ["quantization.lr_weight=fast"])
+    with pytest.raises(RecipeError, match=r"quantization: seed must be an integer, got float 1.5"):
+        load_recipe(path, ["quantization.seed=1.5"])
+    with pytest.raises(RecipeError, match=r"quantization: bn_tuning must be True or False, got str 'maybe'"):
+        load_recipe(path, ["quantization.bn_tuning=maybe"])
+
+
 def test_paths_resolve_against_recipe_folder_and_project(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "calib.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.int64))

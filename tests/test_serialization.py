@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from conftest import make_batches, make_tiny_cnn, randomize_batchnorms
 from hf_adaquant import AdaQuantConfig, load_quantized, quantize, save_quantized
 from hf_adaquant.nn import QModuleMixin
 from hf_adaquant.serialization import WEIGHTS_NAME, CheckpointError, pack_codes, packed_nbytes, unpack_codes
+from hf_adaquant.serialization import checkpoint
+from hf_adaquant.utils.files import TEMP_MARKER
 
 LIGHT = dict(pipeline="light", progress=False, seed=0)
 
@@ -223,18 +229,238 @@ def test_bad_config_names_the_file(saved_tiny: Path, change, message: str) -> No
     assert str(path) in str(info.value)
 
 
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name -> bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _temporaries(*directories: Path) -> list[Path]:
+    return [p for d in directories if d.is_dir() for p in d.rglob("*") if TEMP_MARKER in p.name]
+
+
+def _second_model(seed: int = 1) -> tuple[nn.Module, list[torch.Tensor]]:
+    batches = make_batches(1, 8)
+    return quantize(make_tiny_cnn(seed, batches), batches, AdaQuantConfig(**LIGHT)), batches
+
+
 def test_save_is_atomic_and_keeps_other_files(saved_tiny: Path) -> None:
     (saved_tiny / "tokenizer.json").write_text("{}")
-    batches = make_batches(1, 8)
-    (saved_tiny / "model.safetensors").write_bytes(b"stale float weights")
-    (saved_tiny / "pytorch_model.bin").write_bytes(b"stale float weights")
-    second = quantize(make_tiny_cnn(1, batches), batches, AdaQuantConfig(**LIGHT))
+    (saved_tiny / "README.md").write_text("my notes\n")
+    (saved_tiny / "extra").mkdir()
+    (saved_tiny / "extra" / "eval.json").write_text("[1]")
+    second, batches = _second_model()
     save_quantized(second, saved_tiny)
-    assert (saved_tiny / "tokenizer.json").exists()
-    # float weights next to the codes would load silently (as a float model) without hf_adaquant
-    assert not (saved_tiny / "model.safetensors").exists() and not (saved_tiny / "pytorch_model.bin").exists()
-    assert not [p for p in saved_tiny.parent.iterdir() if p.name.startswith(".ck.")]  # no temp dir left
+    assert (saved_tiny / "tokenizer.json").read_text() == "{}" and (saved_tiny / "README.md").read_text() == "my notes\n"
+    assert (saved_tiny / "extra" / "eval.json").read_text() == "[1]"
+    assert not _temporaries(saved_tiny.parent)  # no staging folder, no old copy left
+    assert not [p for p in saved_tiny.parent.iterdir() if p.name.startswith(".ck")]
     assert _max_diff(load_quantized(saved_tiny, model=make_tiny_cnn()), second, batches[0]) <= 1e-6  # the new model
+
+
+# ------------------------------------------------------------------------ item 5: another model's weights are kept
+@pytest.mark.parametrize("names", [["model.safetensors"], ["pytorch_model.bin"],
+                                   ["model.safetensors.index.json", "model-00001-of-00002.safetensors"]])
+def test_save_refuses_a_folder_holding_float_weights(saved_tiny: Path, names: list[str]) -> None:
+    for name in names:
+        (saved_tiny / name).write_bytes(b"another model's float weights")
+    before = _snapshot(saved_tiny)
+    with pytest.raises(CheckpointError, match="holds another model's float weights") as info:
+        save_quantized(_second_model()[0], saved_tiny)
+    assert all(name in str(info.value) for name in names) and "empty folder" in str(info.value)
+    assert _snapshot(saved_tiny) == before  # nothing deleted, nothing written
+    assert not _temporaries(saved_tiny.parent)
+
+
+# ------------------------------------------------------------------ item 3: atomic saves, hybrids, killed saves
+def test_failed_save_leaves_the_previous_checkpoint_whole(saved_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (saved_tiny / "tokenizer.json").write_text("{}")
+    before = _snapshot(saved_tiny)
+    written = []
+
+    def fail_after_weights(qmodel, kind, qconfig, directory, base_model_config):
+        written.append(sorted(p.name for p in directory.iterdir()))
+        raise RuntimeError("simulated failure after the weights")
+
+    monkeypatch.setattr(checkpoint, "_write_config", fail_after_weights)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        save_quantized(_second_model()[0], saved_tiny)
+    assert WEIGHTS_NAME in written[0]  # the failure came after the new weights were written
+    assert _snapshot(saved_tiny) == before and not _temporaries(saved_tiny.parent)
+    load_quantized(saved_tiny, model=make_tiny_cnn())
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_killed_saves_are_removed(saved_tiny: Path) -> None:
+    pid = _dead_pid()
+    staging = saved_tiny.parent / f".ck{TEMP_MARKER}{pid}-0badf00d"  # a save killed before its swap
+    staging.mkdir()
+    (staging / WEIGHTS_NAME).write_bytes(b"x" * 1000)
+    in_place = saved_tiny / f".checkpoint{TEMP_MARKER}{pid}-0badf00d"  # an in-place save killed mid-way
+    in_place.mkdir()
+    (in_place / WEIGHTS_NAME).write_bytes(b"x" * 1000)
+    live = saved_tiny.parent / f".ck{TEMP_MARKER}{os.getpid()}-feedf00d"  # a running writer's: not touched
+    live.mkdir()
+    save_quantized(_second_model()[0], saved_tiny)
+    assert not staging.exists() and not in_place.exists() and live.exists()
+    shutil.rmtree(live)
+
+
+def _edit_config(directory: Path, change) -> Path:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    change(config["quantization_config"]["checkpoint_layout"])
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_config_and_weights_of_different_saves_are_refused(saved_tiny: Path, tmp_path: Path) -> None:
+    save_quantized(_second_model()[0], tmp_path / "other")
+    # the hybrid an interrupted file-by-file save left: new weights, old config.json (same layers and bits)
+    shutil.copy(tmp_path / "other" / WEIGHTS_NAME, saved_tiny / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="saved by different runs, or edited") as info:
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+    assert f"{saved_tiny / 'config.json'} does not belong to {saved_tiny / WEIGHTS_NAME}" in str(info.value)
+    # a config.json without the binding next to weights that have one
+    shutil.copy(tmp_path / "other" / "config.json", saved_tiny / "config.json")
+    load_quantized(saved_tiny, model=make_tiny_cnn())  # the matching pair loads
+    _edit_config(saved_tiny, lambda layout: layout.pop("weights_sha256"))
+    with pytest.raises(CheckpointError, match="only one of them records"):
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+
+
+# ------------------------------------------------------------ item 4: mount points, read-only parents, EXDEV
+def _assert_saved_in_place(directory: Path, second: nn.Module, batches: list[torch.Tensor]) -> None:
+    assert (directory / "tokenizer.json").read_text() == "{}"
+    assert not _temporaries(directory.parent)
+    assert _max_diff(load_quantized(directory, model=make_tiny_cnn()), second, batches[0]) <= 1e-6
+
+
+def test_save_into_a_folder_whose_parent_is_read_only(saved_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (saved_tiny / "tokenizer.json").write_text("{}")
+    second, batches = _second_model()
+    real_access, real_mkdir = os.access, os.mkdir
+    # root ignores the mode bits: make os.access and mkdir in the parent behave as they do for a normal user
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == saved_tiny.parent
+                        else real_access(path, mode, **kw))
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == saved_tiny.parent:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    saved_tiny.parent.chmod(0o555)
+    try:
+        save_quantized(second, saved_tiny)
+        with pytest.raises(PermissionError) as info:  # a new folder cannot be made there: the error names it
+            save_quantized(second, saved_tiny.parent / "new")
+    finally:
+        saved_tiny.parent.chmod(0o755)
+    assert str(saved_tiny.parent / "new") in str(info.value) and TEMP_MARKER not in str(info.value)
+    _assert_saved_in_place(saved_tiny, second, batches)
+
+
+@pytest.mark.parametrize("failure", ["mount point", "EXDEV", "EBUSY"])
+def test_save_where_the_folder_cannot_be_swapped(saved_tiny: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 failure: str) -> None:
+    (saved_tiny / "tokenizer.json").write_text("{}")
+    second, batches = _second_model()
+    if failure == "mount point":
+        real_ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == saved_tiny or real_ismount(p))
+    else:
+        code = getattr(errno, failure)
+
+        def cannot_rename(staging, target):
+            raise OSError(code, os.strerror(code), str(staging), None, str(target))
+
+        monkeypatch.setattr(checkpoint, "replace_directory", cannot_rename)
+    save_quantized(second, saved_tiny)
+    _assert_saved_in_place(saved_tiny, second, batches)
+
+
+def test_save_errors_name_the_target_not_a_temporary(saved_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _snapshot(saved_tiny)
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == saved_tiny)
+
+    def disk_full(tensors, path, layout=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "write_weights", disk_full)
+    with pytest.raises(OSError, match="No space left") as info:
+        save_quantized(_second_model()[0], saved_tiny)
+    assert str(saved_tiny) in str(info.value) and TEMP_MARKER not in str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert _snapshot(saved_tiny) == before and not _temporaries(saved_tiny.parent)
+
+
+def test_interrupted_in_place_save_is_a_clear_error_not_a_hybrid(saved_tiny: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == saved_tiny)
+    real_replace = os.replace
+
+    def killed_before_config(src, dst):
+        if Path(dst).name == "config.json":
+            raise KeyboardInterrupt  # the save stops between the weights and config.json (the commit point)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(_second_model()[0], saved_tiny)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not _temporaries(saved_tiny.parent)
+    with pytest.raises(CheckpointError, match="does not belong to"):
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+
+
+# ------------------------------------------------------------------------ item 10: edited configs, bad tensors
+@pytest.mark.parametrize("change,message", [
+    (lambda layout: layout["layers"]["conv1"].update(activation_bits=2), "saved by different runs, or edited"),
+    (lambda layout: layout["layers"]["conv2"].update(weight_bits=8), "saved by different runs, or edited"),
+    (lambda layout: layout["layers"]["conv1"].update(weight_bits=9), r"layers\['conv1'\]: weight_bits must be"),
+    (lambda layout: layout["layers"]["fc"].update(weight_shape=[10, "16"]), r"layers\['fc'\]: weight_shape"),
+])
+def test_edited_layer_bits_are_a_checkpoint_error(saved_tiny: Path, change, message: str) -> None:
+    path = _edit_config(saved_tiny, change)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+    assert str(path) in str(info.value)
+
+
+def _strip_binding(directory: Path) -> None:
+    """Make ``directory`` look like a checkpoint saved before config and weights were bound to each other."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _edit_config(directory, lambda layout: layout.pop("weights_sha256"))
+    path = directory / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "hf_adaquant_layout_sha256"}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda layout: layout["layers"]["conv1"].update(activation_bits=2),
+     r"layer 'conv1': input zero-point 1\d\d is far outside the 2-bit grid"),
+    (lambda layout: layout["layers"]["conv1"].update(activation_symmetric=True),
+     "layer 'conv1': input zero-point must be 0 on a symmetric grid"),
+    (lambda layout: layout["layers"]["conv2"].update(weight_bits=8), r"layer 'conv2': tensor 'weight_packed' is"),
+])
+def test_checkpoints_without_binding_still_load_and_are_checked(saved_tiny: Path, change, message: str) -> None:
+    batches = make_batches(1, 8)
+    _strip_binding(saved_tiny)
+    reference = load_quantized(saved_tiny, model=make_tiny_cnn())  # older checkpoints stay loadable
+    assert _max_diff(reference, quantize(make_tiny_cnn(0, batches), batches, AdaQuantConfig(**LIGHT)),
+                     batches[0]) <= 1e-6
+    _edit_config(saved_tiny, change)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_quantized(saved_tiny, model=make_tiny_cnn())
+    assert str(saved_tiny / WEIGHTS_NAME) in str(info.value)
 
 
 def test_bad_weights_file_name_and_missing_local_path(saved_tiny: Path, tmp_path: Path) -> None:

@@ -294,6 +294,16 @@ def test_bert_policy_on_tiny_model() -> None:
     assert qmodel.bert.encoder.layer[0].attention.self.query.input_quantizer.scale.numel() == 1  # per tensor
 
 
+def test_bert_policy_pins_the_head_inside_a_budget() -> None:
+    """With a size budget the allocation owns layer_bits, so the QA head is pinned instead (budget + layer_bits is
+    refused by the config)."""
+    plain = bert_qa_quantization_config(4, 8)
+    assert plain.layer_bits == {"qa_outputs": (8, 8)} and not plain.pinned_layers
+    budgeted = bert_qa_quantization_config(4, 8, size_budget=0.2, pinned_layers={"*.query": (8, 8)})
+    assert budgeted.layer_bits == {} and budgeted.size_budget == 0.2
+    assert budgeted.pinned_layers == {"qa_outputs": (8, 8), "*.query": (8, 8)}
+
+
 @needs_shared
 def test_minilm_fp32_and_w8a8_light_on_subset(tokenizer, eval_subset) -> None:
     """FP32 MiniLM-SQuAD answers the first 48 questions of article 40 sensibly; W8A8 light keeps F1 within 5.

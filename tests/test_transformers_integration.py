@@ -154,6 +154,136 @@ def test_corrupted_checkpoint_through_from_pretrained(bert_qa, tmp_path: Path) -
         AutoModelForQuestionAnswering.from_pretrained(broken)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_truncated_checkpoint_through_from_pretrained_names_the_file(bert_qa, tmp_path: Path, keep: float,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    _, _, directory, _ = bert_qa
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    data = (broken / WEIGHTS_NAME).read_bytes()
+    (broken / WEIGHTS_NAME).write_bytes(data[: int(len(data) * keep)])  # transformers opens it for its dtype first
+    with pytest.raises(CheckpointError, match=f"{broken / WEIGHTS_NAME}: corrupted or truncated"):
+        AutoModelForQuestionAnswering.from_pretrained(broken)
+    monkeypatch.chdir(tmp_path)  # a relative folder name resolves the same way
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        AutoModelForQuestionAnswering.from_pretrained("broken")
+
+
+@pytest.mark.parametrize("edit", ["activation_bits", "weight_bits", "other save's weights"])
+def test_edited_or_mixed_checkpoint_through_from_pretrained(bert_qa, tmp_path: Path, edit: str) -> None:
+    import shutil
+
+    _, _, directory, _ = bert_qa
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    if edit == "other save's weights":
+        torch.manual_seed(5)
+        other = quantize(BertForQuestionAnswering(BertConfig(**TINY)).eval(), _batches(), AdaQuantConfig(**LIGHT))
+        save_quantized(other, tmp_path / "other")
+        shutil.copy(tmp_path / "other" / WEIGHTS_NAME, broken / WEIGHTS_NAME)
+    else:
+        config = json.loads((broken / "config.json").read_text())
+        layer = config["quantization_config"]["checkpoint_layout"]["layers"]["bert.encoder.layer.0.output.dense"]
+        layer[edit] = 2 if edit == "activation_bits" else 8
+        (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="saved by different runs, or edited") as info:
+        AutoModelForQuestionAnswering.from_pretrained(broken)
+    assert f"{broken / 'config.json'} does not belong to {broken / WEIGHTS_NAME}" in str(info.value)
+    with pytest.raises(CheckpointError, match="does not belong to"):
+        hf_adaquant.load_quantized(broken)
+
+
+# ----------------------------------------------------------------- save_pretrained of a model quantize() returned
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(VOCAB), max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval(), transformers.AutoModelForCausalLM
+
+
+def _tiny_distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(4)
+    config = DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=2, vocab_size=len(VOCAB),
+                              max_position_embeddings=64, num_labels=3)
+    return DistilBertForSequenceClassification(config).eval(), AutoModelForSequenceClassification
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_distilbert])
+def test_save_pretrained_of_quantize_result_is_the_quantized_checkpoint(tmp_path: Path, build) -> None:
+    model, auto = build()
+    qmodel = quantize(model, _batches(), AdaQuantConfig(**LIGHT))
+    qmodel.save_pretrained(tmp_path / "q")
+    assert WEIGHTS_NAME in {p.name for p in (tmp_path / "q").iterdir()}
+    assert not (tmp_path / "q" / "model.safetensors").exists()  # never a float checkpoint
+    qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qconfig["quant_method"] == "adaquant" and qconfig["checkpoint_layout"]["layers"]
+    loaded = auto.from_pretrained(tmp_path / "q")
+    assert any(isinstance(m, QModuleMixin) for m in loaded.modules())
+    for batch in _batches(2, seed=11):
+        assert _diff(loaded, qmodel, batch) <= 1e-6
+    assert getattr(model.config, "quantization_config", None) is None  # the float model is not marked
+
+
+def _uploaded(api, repo_id: str, revision: str | None = None) -> dict[str, bytes]:
+    folder = api.repo_dir(repo_id, revision)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_push_to_hub_of_quantize_result_uploads_the_quantized_checkpoint(bert_qa, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from hub_standin import LocalHubApi
+
+    _, qmodel, _, _ = bert_qa
+    api = LocalHubApi(tmp_path / "hub")
+    qmodel.push_to_hub("someone/tiny-bert-w4a8", private=True, revision="v1", commit_message="m",
+                       commit_description="d", create_pr=False, tags=["squad"], token="hf_tok",
+                       max_shard_size="1GB", api=api)
+    uploaded = _uploaded(api, "someone/tiny-bert-w4a8", "v1")
+    assert WEIGHTS_NAME in uploaded and "model.safetensors" not in uploaded
+    assert json.loads(uploaded["config.json"])["quantization_config"]["quant_method"] == "adaquant"
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.data.library_name == "hf-adaquant" and "squad" in card.data.tags  # our card, not transformers'
+    assert "`bert.encoder.layer.0.output.dense` | 4 | 8 |" in card.text  # bits per layer
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "create_commit"]  # one commit
+    assert api.calls[0][1]["private"] is True
+    commit = api.calls[2][1]
+    assert (commit["revision"], commit["commit_message"], commit["commit_description"], commit["token"]) == \
+        ("v1", "m", "d", "hf_tok")
+
+
+def test_save_pretrained_push_to_hub_forwards_arguments(bert_qa, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from hub_standin import LocalHubApi
+
+    _, qmodel, q_dir, _ = bert_qa
+    api = LocalHubApi(tmp_path / "hub")
+    qmodel.save_pretrained(tmp_path / "tiny-q", push_to_hub=True, private=False, commit_description="desc",
+                           tags=["t1"], create_pr=True, max_shard_size="1GB", api=api)
+    assert (tmp_path / "tiny-q" / WEIGHTS_NAME).is_file() and not (tmp_path / "tiny-q" / "README.md").exists()
+    assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]
+    commit = api.calls[1][1]
+    assert commit["repo_id"] == "tiny-q" and commit["create_pr"] is True  # repo_id: the folder name
+    assert commit["commit_description"] == "desc"
+    card = ModelCard(_uploaded(api, "tiny-q")["README.md"].decode())
+    assert "t1" in card.data.tags and card.data.library_name == "hf-adaquant"
+
+    # a model loaded back with from_pretrained pushes our card too
+    loaded = AutoModelForQuestionAnswering.from_pretrained(q_dir)
+    api2 = LocalHubApi(tmp_path / "hub2")
+    loaded.push_to_hub("someone/again", api=api2)
+    uploaded = _uploaded(api2, "someone/again")
+    assert WEIGHTS_NAME in uploaded and "model.safetensors" not in uploaded
+    assert ModelCard(uploaded["README.md"].decode()).data.library_name == "hf-adaquant"
+
+
 # ------------------------------------------------------------------------------------------------ quantize on load
 def test_quantize_on_load_equals_adaquant_quantizer(bert_qa, tmp_path: Path) -> None:
     _, _, _, fp_dir = bert_qa

@@ -3,10 +3,15 @@
 The reference implementation caches every layer's activations at once (~81 GiB for ResNet-50 on 1000 images).
 Here only the layer being optimised is held, captured by hooks that stop the forward pass right after that
 layer (later layers never run).
+
+The cache never stores a value it cannot represent: a stream whose values exceed the fp16 range is kept in
+float32 from then on (an overflow to ``inf`` would silently give a NaN model), and a captured tensor holding
+NaN/inf is refused with an error naming the layer and the batch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -19,7 +24,14 @@ from torch import nn
 
 from ..utils.batches import Batch, call_model
 
-__all__ = ["IOCache", "capture_layer_io", "capture_layer_outputs", "capture_layers_io", "observe_outputs"]
+__all__ = ["IOCache", "NonFiniteActivationError", "capture_layer_io", "capture_layer_outputs", "capture_layers_io",
+           "observe_outputs"]
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteActivationError(ValueError):
+    """A captured layer input or output holds NaN or inf (the message names the layer and the batch)."""
 
 
 class _StopForward(Exception):
@@ -28,15 +40,36 @@ class _StopForward(Exception):
 
 @dataclass
 class _Store:
-    """Chunks of one tensor stream; each chunk in memory or memory-mapped from disk."""
+    """Chunks of one tensor stream; each chunk in memory or memory-mapped from disk.
+
+    ``what`` names the stream in messages (e.g. "inputs of layer 'conv1'"). ``on_widen`` is called when the stream
+    switches from its low-precision ``dtype`` to float32 because a value does not fit it.
+    """
 
     dtype: torch.dtype
     max_bytes: int
+    what: str = "activations"
+    on_widen: Callable[[float], None] | None = None
     spill_dir: str | None = None
     chunks: list[torch.Tensor | np.ndarray] = field(default_factory=list)
     bytes_in_memory: int = 0
 
+    def _check(self, t: torch.Tensor) -> None:
+        """Refuse NaN/inf; widen the stream to float32 when ``t`` would overflow its dtype."""
+        if t.numel() == 0 or not t.is_floating_point():
+            return
+        lo, hi = (float(v) for v in t.detach().aminmax())  # no |t| copy of a large activation; NaN propagates
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteActivationError(f"the {self.what} contain NaN or inf values")
+        peak = max(-lo, hi)
+        if self.dtype.is_floating_point and peak > torch.finfo(self.dtype).max:
+            # Earlier chunks fitted the narrow dtype and stay as they are; reads return float32 anyway.
+            self.dtype = torch.float32
+            if self.on_widen is not None:
+                self.on_widen(peak)
+
     def append(self, t: torch.Tensor) -> None:
+        self._check(t)
         t = t.detach().to("cpu", self.dtype).contiguous()
         nbytes = t.numel() * t.element_size()
         if self.bytes_in_memory + nbytes <= self.max_bytes:
@@ -67,9 +100,18 @@ class _Store:
 class IOCache:
     """Paired layer inputs ``x`` and FP targets ``y``, sampled together in mini-batches."""
 
-    def __init__(self, dtype: torch.dtype = torch.float16, max_bytes: int = 4 << 30) -> None:
-        self.x = _Store(dtype, max_bytes // 2)
-        self.y = _Store(dtype, max_bytes // 2)
+    def __init__(self, dtype: torch.dtype = torch.float16, max_bytes: int = 4 << 30, name: str = "") -> None:
+        self.name = name
+        self.requested_dtype = dtype
+        self._widened = False
+        self.x = _Store(dtype, max_bytes // 2, f"inputs of layer {name!r}", self._note_widened)
+        self.y = _Store(dtype, max_bytes // 2, f"outputs of layer {name!r}", self._note_widened)
+
+    def _note_widened(self, peak: float) -> None:
+        if not self._widened:  # once per layer, whichever stream overflowed first
+            self._widened = True
+            _logger.info("layer %r: activations up to %.3g do not fit the %s cache: caching them in float32",
+                         self.name, peak, str(self.requested_dtype).replace("torch.", ""))
 
     def finalize(self) -> "IOCache":
         """Check that inputs and targets pair up and index the batches by shape group.
@@ -153,11 +195,13 @@ def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, o
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            try:
-                call_model(model, batch)
+        for index, batch in enumerate(batches):
+            try:  # a model error names the batch; the hooks' own exceptions pass
+                call_model(model, batch, index, passthrough=(_StopForward, NonFiniteActivationError))
             except _StopForward:
                 continue
+            except NonFiniteActivationError as e:
+                raise NonFiniteActivationError(f"{e} on calibration batch {index}") from None
             raise RuntimeError(f"layer {layer!r} did not run during the forward pass")
     finally:
         handle.remove()
@@ -197,7 +241,7 @@ def capture_layer_io(
     With ``input_model is target_model`` both come from one pass (the parallel variant); otherwise the input is
     taken from the quantized model (sequential variant) for every calibration sample.
     """
-    cache = IOCache(dtype, max_bytes)
+    cache = IOCache(dtype, max_bytes, name=layer)
     try:
         if input_model is target_model:
             _capture(target_model, layer, batches, cache.x.append, cache.y.append)
@@ -224,7 +268,7 @@ def capture_layers_io(
     The pass stops once the last of ``layers`` has run. Callers size the group so that all caches fit
     ``max_bytes`` together; each cache gets an equal share of it before spilling to disk.
     """
-    caches = {name: IOCache(dtype, max_bytes // max(len(layers), 1)) for name in layers}
+    caches = {name: IOCache(dtype, max_bytes // max(len(layers), 1), name=name) for name in layers}
     remaining: set[str] = set()
 
     def make_hook(name: str):
@@ -242,12 +286,14 @@ def capture_layers_io(
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             remaining.update(layers)
-            try:
-                call_model(model, batch)
+            try:  # a model error names the batch; the hooks' own exceptions pass
+                call_model(model, batch, index, passthrough=(_StopForward, NonFiniteActivationError))
             except _StopForward:
                 continue
+            except NonFiniteActivationError as e:
+                raise NonFiniteActivationError(f"{e} on calibration batch {index}") from None
             raise RuntimeError(f"layers {sorted(remaining)} did not run during the forward pass")
         return {name: cache.finalize() for name, cache in caches.items()}
     except BaseException:

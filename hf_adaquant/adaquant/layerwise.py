@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -90,8 +91,12 @@ def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int, sync: DataPa
 
 @torch.no_grad()
 def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int,
-                     sync: DataParallelSync | None = None) -> None:
-    """Input quantizer range from the cached layer inputs (of all ranks' shards with ``sync``)."""
+                     sync: DataParallelSync | None = None, name: str = "") -> None:
+    """Input quantizer range from the cached layer inputs (of all ranks' shards with ``sync``).
+
+    Raises:
+        ValueError: the range is not finite (naming the layer ``name``).
+    """
     q = layer.input_quantizer
     if q is None:
         return
@@ -107,7 +112,22 @@ def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int
     if sync is not None:
         sync.context.sync_failure(error, "observing the layer inputs")
         sync.merge_observer(observer)
-    q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
+    try:
+        q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
+    except ValueError as e:
+        raise ValueError(f"input range of layer {name!r}: {e}") from None
+
+
+def _improves(mse: float, best: float) -> bool:
+    """``mse < best`` where a NaN or infinite loss is worse than any finite one (plain ``<`` is False with NaN)."""
+    if not math.isfinite(mse):
+        return False
+    return not math.isfinite(best) or mse < best
+
+
+def _loss_scale(mse_before: float) -> float:
+    """Divisor that makes the learned-rounding loss relative; 1 when the initial loss is zero or not finite."""
+    return max(mse_before, 1e-12) if math.isfinite(mse_before) else 1.0
 
 
 class _PerChannelSteps:
@@ -175,8 +195,8 @@ def optimize_layer(
         on_step: called before every step (the distributed runner stops there when another rank failed).
     """
     start = time.perf_counter()
-    init_weight_range(layer, config.weight_range_method)
-    init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync)
+    init_weight_range(layer, config.weight_range_method, name)
+    init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync, name=name)
     mse_before = _evaluate(layer, cache, config.batch_size, sync)
     best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
@@ -212,7 +232,7 @@ def optimize_layer(
             beta = None if rounding is None else annealed_beta(step, config.iterations)
             if beta is not None:
                 # Relative MSE keeps the regulariser weight meaningful across layers of any output scale.
-                loss = loss / max(mse_before, 1e-12) + config.rounding_regularization * rounding.regularizer(beta)
+                loss = loss / _loss_scale(mse_before) + config.rounding_regularization * rounding.regularizer(beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sync is not None:
@@ -230,7 +250,7 @@ def optimize_layer(
                 if rounding is not None:
                     rounding.hard = True  # candidates are judged as they will be used: hard-rounded
                 mse = _evaluate(layer, cache, config.batch_size, sync)
-                if mse < best_mse:  # NaN never wins
+                if _improves(mse, best_mse):
                     if rounding is not None:
                         with torch.no_grad():
                             layer.weight.copy_(rounding.hard_weight())
@@ -244,6 +264,9 @@ def optimize_layer(
         p.grad = None
     layer.load_state_dict(best_state)
     mse_after = best_mse
+    if not math.isfinite(mse_after):
+        _logger.warning("layer %r: the layer loss is %s even at its range initialisation (activations too large "
+                        "for float32 arithmetic?)", name, mse_after)
     num_samples = cache.num_samples
     if sync is not None:
         sync.broadcast_module(layer)

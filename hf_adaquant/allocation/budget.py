@@ -33,8 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FLOAT_ACTIVATION_BITS",
     "allocate_bits",
+    "allocated_config",
+    "allocation_record",
     "allocation_to_layer_bits",
     "bits_of_option",
+    "budget_fields",
     "build_problem",
     "candidate_options",
     "check_budget",
@@ -171,10 +174,32 @@ def allocate_for_config(
 ) -> tuple[AdaQuantConfig, Allocation]:
     """What :func:`hf_adaquant.quantize` does with a budget: measure, solve, return the config with ``layer_bits``.
 
+    The returned config has the allocated ``layer_bits`` and no budget (a config may not hold both: the budget
+    is spent); :func:`allocation_record` keeps the budget next to the allocation in the run's report.
     An infeasible budget raises before any sensitivity is measured.
     """
     from .sensitivity import measure_sensitivity
 
     problem = measure_sensitivity(model, batches, config, progress=config.progress)
     allocation = allocate_bits(problem, config)
-    return config.replace(layer_bits=allocation_to_layer_bits(allocation)), allocation
+    return allocated_config(config, allocation), allocation
+
+
+def allocated_config(config: AdaQuantConfig, allocation: Allocation | Mapping[str, BitOption]) -> AdaQuantConfig:
+    """``config`` with the allocation as ``layer_bits`` and the budget it was solved for cleared.
+
+    This is the config that reproduces the run (and that a saved checkpoint records): re-running it gives the
+    same bits without allocating again.
+    """
+    return config.replace(layer_bits=allocation_to_layer_bits(allocation), size_budget=None, bops_budget=None)
+
+
+def budget_fields(config: AdaQuantConfig) -> dict[str, Any]:
+    """The budget fields of ``config`` (what an allocation was solved for), JSON-able."""
+    return {name: getattr(config, name) for name in ("size_budget", "size_budget_unit", "bops_budget",
+                                                       "bops_budget_unit")}
+
+
+def allocation_record(allocation: Allocation, config: AdaQuantConfig) -> dict[str, Any]:
+    """``allocation.to_dict()`` plus ``"budget"``: the budget fields of the config it was solved under."""
+    return {**allocation.to_dict(), "budget": budget_fields(config)}

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import AdaQuantConfig
 from ..utils.batches import Batch, materialize_batches
-from .budget import allocate_bits, allocation_to_layer_bits, bits_of_option, candidate_options
+from .budget import allocate_bits, allocation_record, allocation_to_layer_bits, bits_of_option, candidate_options
 from .ilp import Allocation, AllocationProblem, BitOption, InfeasibleBudgetError, bops_of, uniform_allocation
 from .sensitivity import LossFn, measure_sensitivity
 
@@ -49,10 +49,11 @@ def _quantize_and_evaluate(model: nn.Module, batches: list[Batch], config: AdaQu
     from ..quantize import quantize
 
     start = time.perf_counter()
-    qmodel = quantize(model, batches, config.replace(layer_bits=layer_bits))
+    # The bits are given: the budget they were solved for is recorded with the allocation, not in the config.
+    qmodel = quantize(model, batches, config.replace(layer_bits=layer_bits, size_budget=None, bops_budget=None))
     seconds = time.perf_counter() - start
     if allocation is not None:
-        qmodel.hf_adaquant_report.allocation = allocation.to_dict()
+        qmodel.hf_adaquant_report.allocation = allocation_record(allocation, config)
     return float(evaluate_fn(qmodel)), seconds
 
 

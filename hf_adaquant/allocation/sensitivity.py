@@ -124,7 +124,8 @@ class _Criterion:
             self.targets: list[list[torch.Tensor]] = []
         else:
             with torch.no_grad():
-                self.targets = [[t.detach() for t in output_tensors(call_model(fp_model, b))] for b in batches]
+                self.targets = [[t.detach() for t in output_tensors(call_model(fp_model, b, i))]
+                                for i, b in enumerate(batches)]
             if not all(self.targets):
                 raise ValueError("the model output holds no floating tensor to compare with the FP model")
         self.baseline = 0.0  # the FP model matches its own outputs exactly
@@ -135,7 +136,7 @@ class _Criterion:
     def __call__(self, model: nn.Module) -> float:
         total = 0.0
         for i, (batch, weight) in enumerate(zip(self.batches, self.weights)):
-            out = call_model(model, batch)
+            out = call_model(model, batch, i)
             if self.kind == "task":
                 value = self.loss_fn(out, self.labels[i])
             elif self.kind == "kl":

@@ -7,13 +7,14 @@ Launch any script that calls :func:`hf_adaquant.quantize` with ``torchrun --npro
 from .context import DistributedContext, DistributedRunError, get_context, is_main_process
 from .data_parallel import DataParallelSync, shard_batches
 from .schedule import assign_layers, estimate_layer_cost
-from .workdir import WorkDir, WorkDirMismatchError, run_fingerprint
+from .workdir import WorkDir, WorkDirCorruptError, WorkDirMismatchError, run_fingerprint
 
 __all__ = [
     "DataParallelSync",
     "DistributedContext",
     "DistributedRunError",
     "WorkDir",
+    "WorkDirCorruptError",
     "WorkDirMismatchError",
     "assign_layers",
     "estimate_layer_cost",

@@ -4,22 +4,26 @@ Layout::
 
     work_dir/
       fingerprint.json                 what produced these results (config, model, calibration data)
-      layers/<layer name>.safetensors  one finished layer: its state dict; metadata = name, report, attributes
+      layers/<layer name>.safetensors  one finished layer: its state dict; metadata = name, report, attributes,
+                                       and the SHA-256 of all of it
 
-A layer file appears only once complete (written to a temporary name, then ``os.replace``d), so a run killed at
-any moment leaves either the whole result or nothing. A re-run with the same fingerprint loads the finished layers
-instead of optimising them again; a different fingerprint is refused (:class:`WorkDirMismatchError`).
+A layer file appears only once complete (written to a temporary name, then renamed, by
+:func:`hf_adaquant.utils.files.atomic_path`), so a run killed at any moment leaves either the whole result or
+nothing. A re-run with the same fingerprint loads the finished layers instead of optimising them again, after
+checking each against its digest: a damaged or edited file is refused (:class:`WorkDirCorruptError`, naming the
+file and the layer), never loaded into the model. A different fingerprint is refused (:class:`WorkDirMismatchError`)
+unless no layer is finished yet (then nothing is lost by starting over: the work dir takes the new fingerprint).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import signal
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -29,11 +33,15 @@ from torch import nn
 from ..config import AdaQuantConfig
 from ..quant import Quantizer
 from ..utils.batches import Batch
+from ..utils.files import TEMP_MARKER, atomic_path, atomic_write_text, remove_stale_temporaries
 
-__all__ = ["FORMAT_VERSION", "WorkDir", "WorkDirMismatchError", "layer_state", "load_layer_state", "run_fingerprint"]
+__all__ = ["FORMAT_VERSION", "WorkDir", "WorkDirCorruptError", "WorkDirMismatchError", "layer_state",
+           "load_layer_state", "run_fingerprint"]
 
-FORMAT_VERSION = 1
-_KILL_AFTER_ENV = "HF_ADAQUANT_TEST_KILL_AFTER_LAYERS"  # test hook: SIGKILL this process after N saved layers
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: layer files carry a SHA-256 digest of their tensors and metadata
+_DIGEST_KEY = "sha256"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Fields that do not change the result: a resumed run may differ in them.
 _IGNORED_CONFIG_FIELDS = ("progress",)
@@ -41,6 +49,10 @@ _IGNORED_CONFIG_FIELDS = ("progress",)
 
 class WorkDirMismatchError(ValueError):
     """The work directory holds results of a different run (config, model or calibration data differ)."""
+
+
+class WorkDirCorruptError(ValueError):
+    """A work-dir file is damaged, edited or unreadable; the message names the file, the layer and the remedy."""
 
 
 def _hash_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -118,13 +130,15 @@ def load_layer_state(layer: nn.Module, tensors: dict[str, torch.Tensor],
             setattr(modules[sub], key, value)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _layer_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 of a layer file's content: every tensor (name, dtype, shape, bytes) and the metadata but itself."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != _DIGEST_KEY}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 class WorkDir:
@@ -133,33 +147,58 @@ class WorkDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.layers_dir = self.path / "layers"
-        self._saved = 0
 
     # --------------------------------------------------------------------------------- fingerprint
 
     def prepare(self, fingerprint: dict[str, Any]) -> None:
         """Create the directory for ``fingerprint``, or check that an existing one was made by the same run.
 
+        A work dir with no finished layer yet takes the new fingerprint (a run that failed before finishing a
+        layer, e.g. on bad calibration data, is simply started again).
+
         Raises:
-            WorkDirMismatchError: the directory belongs to a different run; the message lists what differs.
+            WorkDirMismatchError: the directory holds finished layers of a different run (the message lists what
+                differs), or is not an hf_adaquant work dir.
+            WorkDirCorruptError: ``fingerprint.json`` is unreadable while finished layers depend on it.
         """
         file = self.path / "fingerprint.json"
+        write = not file.exists()
         if file.exists():
-            old = json.loads(file.read_text())
-            diffs = _differences(old, fingerprint)
-            if diffs:
+            old = self._read_fingerprint(file)
+            diffs = ["fingerprint.json is unreadable"] if old is None else _differences(old, fingerprint)
+            if diffs and self._has_finished_layers():
+                if old is None:
+                    raise WorkDirCorruptError(
+                        f"{file} is not valid JSON, so the finished layers in {str(self.layers_dir)!r} cannot be "
+                        f"checked against this run. Delete the work dir {str(self.path)!r} to start over.")
                 raise WorkDirMismatchError(
                     f"work dir {str(self.path)!r} holds results of a different run; refusing to mix them. "
                     f"Differences: {'; '.join(diffs)}. Use another work dir, or delete this one to start over.")
-        elif self.path.exists() and any(p.name != "layers" for p in self.path.iterdir()) \
-                or self.layers_dir.exists() and any(self.layers_dir.glob("*.safetensors")):
+            if diffs:
+                _logger.info("work dir %s has no finished layer: starting over with this run's fingerprint (%s)",
+                             self.path, "; ".join(diffs))
+                write = True
+        elif self.path.exists() and any(p.name != "layers" and TEMP_MARKER not in p.name
+                                        for p in self.path.iterdir()) or self._has_finished_layers():
             raise WorkDirMismatchError(f"work dir {str(self.path)!r} exists, is not empty and has no "
                                        "fingerprint.json: not an hf_adaquant work dir, refusing to write into it")
         self.layers_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.layers_dir.glob(".*.tmp*"):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
-        if not file.exists():
-            _atomic_write_bytes(file, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+        for folder in (self.path, self.layers_dir):  # temporaries left by a run killed mid-write
+            remove_stale_temporaries(folder)
+        if write:
+            atomic_write_text(file, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    @staticmethod
+    def _read_fingerprint(file: Path) -> dict[str, Any] | None:
+        """The recorded fingerprint, or None when the file is not a JSON object (damaged or edited)."""
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _has_finished_layers(self) -> bool:
+        return self.layers_dir.is_dir() and any(self.layers_dir.glob("*.safetensors"))
 
     # ------------------------------------------------------------------------------------- layers
 
@@ -174,28 +213,42 @@ class WorkDir:
         return [name for name in layer_names if self._file(name).exists()]
 
     def save_layer(self, name: str, layer: nn.Module, report: dict[str, Any]) -> None:
-        """Checkpoint one finished layer: its state dict, quantizer attributes and report (atomic)."""
+        """Checkpoint one finished layer: its state dict, quantizer attributes, report and their digest (atomic)."""
         tensors, attributes = layer_state(layer)
         metadata = {"name": name, "report": json.dumps(report), "attributes": json.dumps(attributes),
                     "format": str(FORMAT_VERSION)}
-        path = self._file(name)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self._saved += 1
-        kill_after = os.environ.get(_KILL_AFTER_ENV)
-        if kill_after and self._saved >= int(kill_after):
-            os.kill(os.getpid(), signal.SIGKILL)
+        metadata[_DIGEST_KEY] = _layer_digest(tensors, metadata)
+        with atomic_path(self._file(name)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def load_layer(self, name: str, layer: nn.Module) -> dict[str, Any]:
-        """Restore a finished layer in place; returns its report."""
+        """Restore a finished layer in place after checking its digest; returns its report.
+
+        Raises:
+            WorkDirCorruptError: the file is truncated, unreadable, edited or holds another layer; the message
+                names the file and the layer and says to delete the file (that layer is then recomputed).
+        """
         path = self._file(name)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error type for a truncated file or a bad header
+            raise self._corrupt(path, name, f"it cannot be read ({type(exc).__name__}: {exc})") from exc
         if metadata.get("name") != name:
-            raise RuntimeError(f"{path} holds layer {metadata.get('name')!r}, expected {name!r}")
-        load_layer_state(layer, tensors, json.loads(metadata["attributes"]))
-        return json.loads(metadata["report"])
+            raise self._corrupt(path, name, f"it holds layer {metadata.get('name')!r}")
+        if metadata.get(_DIGEST_KEY) != _layer_digest(tensors, metadata):
+            why = ("it has no digest" if _DIGEST_KEY not in metadata
+                   else "its content does not match its SHA-256 digest (the file was damaged or edited)")
+            raise self._corrupt(path, name, why)
+        try:
+            report = json.loads(metadata["report"])
+            load_layer_state(layer, tensors, json.loads(metadata["attributes"]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise self._corrupt(path, name, f"it does not fit the layer ({type(exc).__name__}: {exc})") from exc
+        return report
+
+    @staticmethod
+    def _corrupt(path: Path, name: str, why: str) -> WorkDirCorruptError:
+        return WorkDirCorruptError(f"work dir file {str(path)!r} of layer {name!r} is unusable: {why}. Delete this "
+                                   "file to recompute that layer (the other finished layers are kept).")

@@ -6,7 +6,7 @@ Built from ``huggingface_hub.ModelCardData`` + a Markdown body assembled here, s
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -172,7 +172,7 @@ def _config_section(info: CheckpointInfo) -> list[str]:
 
 
 def build_model_card(info: CheckpointInfo, repo_id: str, *, eval_results: Mapping[str, Any] | None = None,
-                     base_model: str | None = None) -> ModelCard:
+                     base_model: str | None = None, tags: Sequence[str] | None = None) -> ModelCard:
     """The model card of a checkpoint about to be pushed to ``repo_id``.
 
     Args:
@@ -181,16 +181,18 @@ def build_model_card(info: CheckpointInfo, repo_id: str, *, eval_results: Mappin
         eval_results: ``{"task", "dataset": {"name", "type", "split", "num_samples"}, "fp32": {...},
             "quantized": {...}, "size": {"fp32_bytes"}}``; defaults to the folder's ``eval_results.json``.
         base_model: Hub id of the float model (metadata ``base_model``).
+        tags: extra Hub tags, after ours (duplicates dropped).
     """
     eval_results = eval_results if eval_results is not None else (info.eval_results or {})
     setting = _setting(info)
     model_name = repo_id.split("/")[-1]
-    tags = ["hf-adaquant", "adaquant", "quantized", "post-training-quantization", setting.split()[0].lower()]
+    card_tags = ["hf-adaquant", "adaquant", "quantized", "post-training-quantization", setting.split()[0].lower()]
     if info.library in ("timm", "transformers"):
-        tags.append(info.library)
+        card_tags.append(info.library)
+    card_tags = list(dict.fromkeys([*card_tags, *(tags or ())]))  # the user's tags after ours, no duplicates
     task = eval_results.get("task")
     data = ModelCardData(
-        model_name=model_name, base_model=base_model, library_name="hf-adaquant", tags=tags,
+        model_name=model_name, base_model=base_model, library_name="hf-adaquant", tags=card_tags,
         pipeline_tag=task if task in ("image-classification", "question-answering") else None,
         eval_results=eval_results_to_card(eval_results, setting) or None)
     pipeline = _find(info.quantization_config, "pipeline")

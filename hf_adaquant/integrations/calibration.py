@@ -12,8 +12,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import datasets
 import torch
 from torch import nn
+
+from ..utils.deprecation import renamed_kwargs
 
 __all__ = ["dataset_to_batches", "load_calibration_dataset", "model_input_names", "tokenize_texts",
            "text_batches_from_config"]
@@ -22,7 +25,6 @@ _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 
 def _load_raw(source: Any, split: str, config_name: str | None, **kwargs: Any):
-    import datasets
 
     if isinstance(source, datasets.Dataset):
         return source
@@ -55,17 +57,23 @@ def _load_raw(source: Any, split: str, config_name: str | None, **kwargs: Any):
     return datasets.load_dataset(str(source), config_name, split=split, **kwargs)
 
 
-def load_calibration_dataset(source: Any, num_samples: int = 100, *, split: str = "train",
-                             dataset_config_name: str | None = None, preprocess_function: Callable | None = None,
-                             preprocess_batch: bool = True, seed: int = 0, **load_kwargs: Any):
+@renamed_kwargs(split="dataset_split")
+def load_calibration_dataset(source: Any, num_samples: int = 100, *, dataset_config_name: str | None = None,
+                             dataset_split: str = "train", preprocess_function: Callable | None = None,
+                             preprocess_batch: bool = True, seed: int = 2016, token: str | bool | None = None,
+                             **load_kwargs: Any) -> datasets.Dataset:
     """A ``datasets.Dataset`` of at most ``num_samples`` rows, shuffled with ``seed``, then preprocessed.
 
     ``source``: a Hub dataset name, a local ``.json``/``.jsonl`` file, an image folder, a ``save_to_disk``
-    directory, a ``datasets.Dataset``, or a list of strings (column ``"text"``) / dicts.
+    directory, a ``datasets.Dataset``, or a list of strings (column ``"text"``) / dicts. ``token`` goes to
+    ``datasets.load_dataset`` (gated or private Hub datasets). ``split=`` is the deprecated name of
+    ``dataset_split``.
     """
+    if token is not None:
+        load_kwargs["token"] = token
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    ds = _load_raw(source, split, dataset_config_name, **load_kwargs)
+    ds = _load_raw(source, dataset_split, dataset_config_name, **load_kwargs)
     ds = ds.shuffle(seed=seed).select(range(min(num_samples, len(ds))))
     if preprocess_function is not None:
         ds = ds.map(preprocess_function, batched=preprocess_batch, remove_columns=ds.column_names)
@@ -87,8 +95,6 @@ def _as_tensor(value: Any) -> torch.Tensor:
 def dataset_to_batches(data: Any, model: nn.Module, batch_size: int = 8) -> list[Any]:
     """Input batches for ``model`` from a ``datasets.Dataset`` (columns the model does not take are dropped;
     a single remaining column is passed positionally) or a ready list/iterable of batches (returned as is)."""
-    import datasets
-
     if not isinstance(data, datasets.Dataset):
         if isinstance(data, (torch.Tensor, Mapping)):
             return [data]
@@ -144,7 +150,7 @@ def text_batches_from_config(config: Any, model: nn.Module) -> list[dict[str, to
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], (torch.Tensor, Mapping)) and all(
             isinstance(v, torch.Tensor) for v in (source[0].values() if isinstance(source[0], Mapping) else [source[0]])):
         return list(source)  # ready input batches
-    ds = load_calibration_dataset(source, config.num_samples, split=config.dataset_split,
+    ds = load_calibration_dataset(source, config.num_samples, dataset_split=config.dataset_split,
                                   dataset_config_name=config.dataset_config_name, seed=config.seed)
     accepted = model_input_names(model)
     if accepted is not None and set(ds.column_names) & accepted and "input_ids" in ds.column_names:

@@ -13,22 +13,33 @@ The weights file is ``adaquant_model.safetensors``, not ``model.safetensors``: t
 finds no weights and raises, instead of building a float model around missing ones. The quantizer points
 transformers at it through ``config.transformers_weights``, which transformers resolves after the quantizer is
 created and never writes back to ``config.json``.
+
+A transformers model returned by :func:`hf_adaquant.quantize` is marked quantized too (a finalizer registered with
+``quantize``): its ``save_pretrained`` / ``push_to_hub`` write the compact checkpoint, never a float one.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import AdaQuantConfig
-from ..serialization.checkpoint import quantization_config_dict, read_weights, save_quantized, validate_layout
+from ..hub.push import push_model_to_hub
+from ..hub.push import push_to_hub as hub_push
+from ..quantize import quantize, register_model_finalizer
+from ..serialization.checkpoint import (CheckpointError, attach_report, check_weights_header,
+                                        quantization_config_dict, read_weights, save_quantized, validate_layout,
+                                        verify_layer_tensors)
 from ..serialization.layout import (apply_signed, build_qmodule, layer_tensor_specs, replace_folded_batchnorms_,
                                     set_submodule, unpack_layer)
 
@@ -66,18 +77,41 @@ class PackedQLayer(nn.Module):
         return q
 
 
-def _save_pretrained(model: nn.Module, save_directory: str, *args: Any, push_to_hub: bool = False,
+# What save_pretrained(push_to_hub=True, **kwargs) hands on to the upload (the rest are transformers' saving options,
+# which the compact format does not use).
+_PUSH_KWARGS = frozenset(inspect.signature(hub_push).parameters) - {"save_dir", "repo_id"}
+
+
+def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False,
                      **kwargs: Any) -> None:
-    """``save_pretrained`` of an adaquant model: the compact checkpoint (push via ``hf_adaquant.hub``)."""
+    """``save_pretrained`` of an adaquant model: the compact checkpoint; with ``push_to_hub=True`` it is then
+    uploaded with our card by :func:`hf_adaquant.hub.push_to_hub` (``repo_id`` defaults to the folder name, as in
+    transformers)."""
     if not kwargs.pop("is_main_process", True):  # transformers' convention: only the main process writes
         return
-    save_quantized(model, save_directory)
+    save_dir = save_quantized(model, save_directory)
     if push_to_hub:
-        from ..hub import push_to_hub as hub_push  # another module owns the Hub upload and the model card
-
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        hub_push(save_directory, repo_id, **{k: v for k, v in kwargs.items()
-                                             if k in ("token", "private", "commit_message", "create_pr")})
+        hub_push(save_dir, repo_id, **{k: v for k, v in kwargs.items() if k in _PUSH_KWARGS})
+
+
+def _push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                 revision: str | None = None, commit_message: str | None = None,
+                 commit_description: str | None = None, create_pr: bool = False, tags: list[str] | None = None,
+                 **kwargs: Any) -> Any:
+    """``model.push_to_hub`` of an adaquant model (transformers' arguments): the compact checkpoint and our card
+    (bits per layer, config, loading snippet) in one commit, never transformers' float weights or generic card.
+
+    Other keywords are :func:`hf_adaquant.hub.push_to_hub`'s (``api``, ``eval_results``, ``base_model``) or
+    transformers' saving options (``max_shard_size``, ``safe_serialization``...), which do not apply here.
+    """
+    ignored = sorted(set(kwargs) - _PUSH_KWARGS)
+    if ignored:
+        _logger.info("push_to_hub: %s do not apply to adaquant checkpoints; ignored", ", ".join(ignored))
+    extra = {k: v for k, v in kwargs.items() if k in _PUSH_KWARGS}
+    return push_model_to_hub(model, repo_id, private=private, token=token, revision=revision,
+                             commit_message=commit_message, commit_description=commit_description,
+                             create_pr=create_pr, tags=tags, **extra)
 
 
 def mark_quantized(model: nn.Module) -> nn.Module:
@@ -91,9 +125,25 @@ def mark_quantized(model: nn.Module) -> nn.Module:
     model.hf_quantizer = AdaQuantHfQuantizer(config, pre_quantized=True)
     # transformers' own save_pretrained would write model.safetensors with float weights; route to ours
     model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.push_to_hub = types.MethodType(_push_to_hub, model)  # transformers' would upload its generic card
     if "transformers_weights" in model.config.__dict__:
         del model.config.transformers_weights
     return model
+
+
+def _finalize_quantized(model: nn.Module) -> None:
+    """``quantize``'s finalizer: a transformers model it returns saves and pushes the quantized format."""
+    if isinstance(model, PreTrainedModel):
+        mark_quantized(model)
+
+
+def _local_weights_file(config: Any, weights_file: str) -> Path | None:
+    """The weights file of a checkpoint loaded from a local folder (``config._name_or_path``), if it is there."""
+    name_or_path = getattr(config, "_name_or_path", None)
+    if not name_or_path:
+        return None
+    path = Path(name_or_path) / weights_file
+    return path if path.is_file() else None
 
 
 def _transplant(model: nn.Module, qmodel: nn.Module) -> None:
@@ -118,6 +168,7 @@ class AdaQuantHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.layout = (validate_layout(quantization_config, "config.json quantization_config")
                        if self.pre_quantized else None)
+        self.weights_path: str | None = None  # the checkpoint file being loaded (named in errors)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized and self.quantization_config.dataset is None:
@@ -128,6 +179,11 @@ class AdaQuantHfQuantizer(HfQuantizer):
         # The only hook that sees the config before transformers resolves the weights file (see module docstring).
         if self.pre_quantized:
             config.transformers_weights = self.layout["weights_file"]
+            # transformers opens the file (for its dtype) before any other hook; a truncated one would fail there
+            # with a SafetensorError naming no file. Check the header here (cheap) when the folder is local.
+            local = _local_weights_file(config, self.layout["weights_file"])
+            if local is not None:
+                check_weights_header(local, self.layout)
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
@@ -135,7 +191,9 @@ class AdaQuantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         for path in checkpoint_files or []:
-            read_weights(path)  # a clear error naming the file if it is truncated or corrupted
+            # a clear error naming the file if it is truncated, corrupted, or not saved with this config.json
+            verify_layer_tensors(read_weights(path, layout=self.layout), self.layout, str(path))
+            self.weights_path = str(path)
         replace_folded_batchnorms_(model, self.layout["folded_batchnorms"])
         for name, desc in self.layout["layers"].items():
             set_submodule(model, name, PackedQLayer(model.get_submodule(name), desc))
@@ -143,14 +201,15 @@ class AdaQuantHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
+            where = self.weights_path or "checkpoint"
             for name, module in list(model.named_modules()):
                 if isinstance(module, PackedQLayer):
-                    set_submodule(model, name, module.to_qmodule(f"layer {name!r}"))
-            from ..serialization.checkpoint import attach_report
-
+                    try:
+                        set_submodule(model, name, module.to_qmodule(f"{where}: layer {name!r}"))
+                    except ValueError as exc:
+                        raise CheckpointError(str(exc)) from exc
             attach_report(model, self.quantization_config.to_dict())
         else:
-            from ..quantize import quantize
             from .calibration import text_batches_from_config
 
             batches = text_batches_from_config(self.quantization_config, model)
@@ -177,7 +236,8 @@ class AdaQuantHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register "adaquant" with transformers; idempotent (re-imports and reloads replace the entry)."""
+    """Register "adaquant" with transformers, and mark the transformers models ``quantize`` returns as quantized;
+    idempotent (re-imports and reloads replace the entries)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
         register_quantization_config(QUANT_METHOD)(AdaQuantConfig)
     else:
@@ -186,6 +246,7 @@ def register() -> None:
         register_quantizer(QUANT_METHOD)(AdaQuantHfQuantizer)
     else:
         AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = AdaQuantHfQuantizer
+    register_model_finalizer(_finalize_quantized)
 
 
 register()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ from torch import nn
 from ..nn import QMODULES
 from ..utils.batches import Batch, call_model
 
-__all__ = ["LayerInfo", "plan_layer_bits", "trace_layers"]
+__all__ = ["LayerInfo", "check_no_meta_tensors", "plan_layer_bits", "trace_layers"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +38,26 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
     if isinstance(module, nn.Linear):
         return int(per_sample_out * module.in_features)
     return 0
+
+
+def check_no_meta_tensors(model: nn.Module, max_names: int = 5) -> None:
+    """Raise if a parameter or buffer of ``model`` is on the ``meta`` device (a shape without values).
+
+    Such a model (built under ``init_empty_weights()`` or loaded with ``device_map="meta"``) cannot be
+    calibrated; without this check it fails deep in the activation cache ("Cannot copy out of meta tensor").
+
+    Raises:
+        ValueError: naming the first ``max_names`` such tensors and how many there are.
+    """
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False),
+                              model.named_buffers(remove_duplicate=False))
+    meta = [name for name, t in tensors if t is not None and t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:max_names]) + (f", ... ({len(meta)} in all)" if len(meta) > max_names else "")
+        raise ValueError(f"the model has tensors on the 'meta' device, which hold no values: {shown}. Load the "
+                         "real weights before quantizing (not under init_empty_weights(), with device_map='meta' or "
+                         "offloaded by device_map='auto'; e.g. model.to_empty(device='cpu') then load_state_dict, "
+                         "or from_pretrained onto one device)")
 
 
 @torch.no_grad()
@@ -68,7 +89,8 @@ def trace_layers(model: nn.Module, batch: Batch) -> list[LayerInfo]:
     try:
         call_model(model, batch)
     except Exception as exc:
-        raise ValueError(f"the calibration batch does not fit the model: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"the calibration batch does not fit the model (batch 0): {type(exc).__name__}: "
+                         f"{exc}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -81,6 +103,11 @@ def trace_layers(model: nn.Module, batch: Batch) -> list[LayerInfo]:
         raise ValueError("the model has no quantizable layer (Conv2d or Linear) that runs in forward; "
                          f"quantizable types: {[t.__name__ for t in kinds]}")
     return layers
+
+
+def _patterns(patterns: str | list[str] | None) -> list[str] | None:
+    """One pattern string is a one-pattern list (iterating it would match single characters)."""
+    return [patterns] if isinstance(patterns, str) else patterns
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
@@ -97,19 +124,20 @@ def plan_layer_bits(
     activation_bits: int | None,
     *,
     first_last_bits: int | None = 8,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
     overrides: dict[str, tuple[int, int | None]] | None = None,
 ) -> dict[str, tuple[int, int | None]]:
     """``{layer name: (weight bits, activation bits)}`` for the layers to quantize, in execution order.
 
-    Policy, applied in order: ``include`` patterns (fnmatch; default all) minus ``exclude`` patterns; the first
-    and last quantized layers at ``first_last_bits`` (None disables); then per-layer ``overrides``, keyed by
-    layer name or by fnmatch pattern (``"*.conv_dw"``; exact names win over patterns).
+    Policy, applied in order: ``include`` patterns (fnmatch; one string or a list; default all) minus ``exclude``
+    patterns; the first and last quantized layers at ``first_last_bits`` (None disables); then per-layer
+    ``overrides``, keyed by layer name or by fnmatch pattern (``"*.conv_dw"``; exact names win over patterns).
 
     Raises:
         ValueError: an override names an unknown layer or a pattern matches none, or no layer is left to quantize.
     """
+    include, exclude = _patterns(include), _patterns(exclude)
     selected = [l.name for l in layers if (include is None or _matches(l.name, include))
                 and not _matches(l.name, exclude)]
     if not selected:

@@ -2,26 +2,54 @@
 
 The graph comes from ``torch.fx`` (BatchNorm and activation modules kept as leaves). Models that do not trace
 (data-dependent control flow) fall back to module registration order: a BatchNorm registered right after a conv
-with as many channels is taken as its successor, which holds for the usual ``conv -> bn -> act`` blocks. The
-fallback logs a warning because it cannot see the data flow.
+with as many channels is taken as its successor, which holds for the usual ``conv -> bn -> act`` blocks but not
+for a BN applied *before* a conv, or after a conv whose output also feeds a residual.
+
+Given an example batch, folding is verified against the unfolded model: all candidate folds are applied and the
+outputs compared once; only if they differ is each fold checked on its own, and a fold that changes the output
+by more than ``FOLD_TOLERANCE`` (max-abs error / max-abs output over every floating output tensor, measured on a
+float64 copy of the model so float32 rounding does not count) is left unfolded and reported in
+:attr:`FoldResult.skipped`, with a warning naming the BN, the conv and the measured change.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["FoldResult", "fold_batchnorms"]
+from ..utils.batches import Batch, call_model
+
+__all__ = ["FOLD_TOLERANCE", "FoldResult", "SkippedFold", "fold_batchnorms"]
 
 _logger = logging.getLogger(__name__)
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU6_FUNCTIONS = {F.relu6}
+# Checked in float64, a correct fold changes the output by ~1e-13 relative; a wrong one by percents.
+FOLD_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class SkippedFold:
+    """A candidate ``conv -> BN`` fold left undone: it changed the model's output, or could not be checked."""
+
+    conv: str
+    relative_change: float  # max-abs output error / max-abs output on the example batch (NaN: not measured)
+    reason: str = ""  # why it could not be checked, when it was not measured
+
+    def __str__(self) -> str:
+        if self.reason:
+            return f"folding into {self.conv!r} could not be verified: {self.reason}"
+        return (f"folding into {self.conv!r} changed the model's output by {self.relative_change:.3g} "
+                f"(max-abs error / max-abs output; tolerance {FOLD_TOLERANCE:g})")
 
 
 @dataclass
@@ -32,6 +60,8 @@ class FoldResult:
     folded: dict[str, str] = field(default_factory=dict)  # BN name -> conv it was folded into (checkpoints)
     output_activations: dict[str, str] = field(default_factory=dict)
     traced: bool = True
+    verified: bool = False  # the folds were checked against the unfolded model on an example batch
+    skipped: dict[str, SkippedFold] = field(default_factory=dict)  # BN name -> why it stayed unfolded
 
 
 _EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -160,29 +190,212 @@ def _pairs_from_order(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str
     return pairs, activations
 
 
-def fold_batchnorms(model: nn.Module) -> FoldResult:
+@dataclass
+class _Undo:
+    """What one applied fold changed, to put it back."""
+
+    conv: nn.Conv2d
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bn_name: str
+    bn: nn.Module
+
+
+def _apply_fold(model: nn.Module, modules: dict[str, nn.Module], conv_name: str,
+                bn_name: str) -> tuple[tuple[torch.Tensor, torch.Tensor], _Undo]:
+    conv, bn = modules[conv_name], modules[bn_name]
+    undo = _Undo(conv, conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone(),
+                 bn_name, bn)
+    targets = _fold_into_conv(conv, bn)
+    _set_submodule(model, bn_name, _replacement_for(bn))
+    return targets, undo
+
+
+@torch.no_grad()
+def _revert(model: nn.Module, undo: _Undo) -> None:
+    undo.conv.weight.copy_(undo.weight)
+    if undo.bias is None:
+        undo.conv.bias = None  # the fold had added the bias
+    else:
+        undo.conv.bias.copy_(undo.bias)
+    _set_submodule(model, undo.bn_name, undo.bn)
+
+
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (tensor, tuple, dict or transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach()] if out.is_floating_point() and out.numel() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def _relative_change(reference: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """max |out - reference| / max |reference| over all output tensors (inf when the outputs do not pair up)."""
+    if len(out) != len(reference) or any(a.shape != b.shape for a, b in zip(out, reference)):
+        return math.inf
+    def wide(t: torch.Tensor) -> torch.Tensor:  # float64 stays float64: its precision is the point of the probe
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    error = max((wide(a) - wide(b)).abs().max().item() for a, b in zip(out, reference))
+    scale = max(wide(b).abs().max().item() for b in reference)
+    if not math.isfinite(error):
+        return math.inf
+    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+
+
+def _fold_unverified(model: nn.Module, modules: dict[str, nn.Module], pairs: list[tuple[str, str]],
+                     result: FoldResult) -> None:
+    for conv_name, bn_name in pairs:
+        result.bn_targets[conv_name], _ = _apply_fold(model, modules, conv_name, bn_name)
+        result.folded[bn_name] = conv_name
+
+
+def _skip(result: FoldResult, bn_name: str, skipped: SkippedFold) -> None:
+    result.skipped[bn_name] = skipped
+    # The activation was found after the BN: with the BN kept, it does not follow the conv directly.
+    result.output_activations.pop(skipped.conv, None)
+
+
+def _fold_unverifiable(model: nn.Module, modules: dict[str, nn.Module], pairs: list[tuple[str, str]],
+                       result: FoldResult, reason: str) -> None:
+    """No check possible: graph-derived pairs are folded as found; pairs guessed from module order are not."""
+    if result.traced:
+        _logger.warning("cannot verify BatchNorm folding (%s); folding the pairs found in the traced graph", reason)
+        _fold_unverified(model, modules, pairs, result)
+        return
+    _logger.warning("cannot verify BatchNorm folding (%s); the model does not trace, so no BatchNorm is folded: "
+                    "%s", reason, [bn for _, bn in pairs])
+    for conv_name, bn_name in pairs:
+        _skip(result, bn_name, SkippedFold(conv_name, math.nan, reason))
+
+
+class _Unverifiable(Exception):
+    """Folding cannot be checked on the example batch (the message says why)."""
+
+
+def _to_float64(batch: Batch) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: _to_float64(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_float64(v) for v in batch)
+    return batch
+
+
+def _probe(model: nn.Module, example_batch: Batch) -> tuple[nn.Module, Callable[[], list[torch.Tensor]],
+                                                             list[torch.Tensor]]:
+    """A copy of ``model`` to try the folds on, its forward on the example batch, and its unfolded output.
+
+    The copy runs in float64 where the model allows it: float32 rounding through a deep net reaches 1e-4 relative
+    (random-weight MobileNetV3) and must not be mistaken for a wrong fold; in float64 a right fold changes the
+    output by ~1e-13, a wrong one by percents.
+    """
+    last_error: Exception | None = None
+    for to_float64 in (True, False):
+        probe = copy.deepcopy(model).eval()
+        batch = example_batch
+        if to_float64:
+            probe, batch = probe.double(), _to_float64(example_batch)
+
+        def run(probe: nn.Module = probe, batch: Batch = batch) -> list[torch.Tensor]:
+            return _output_tensors(call_model(probe, batch))
+
+        try:
+            return probe, run, run()
+        except Exception as exc:  # e.g. an op without float64 support: try in the model's own dtype
+            last_error = exc
+    raise _Unverifiable(f"the model fails on the example batch: {type(last_error).__name__}: "
+                        f"{str(last_error).splitlines()[0] if str(last_error) else ''}")
+
+
+def _change(reference: list[torch.Tensor], run: Callable[[], list[torch.Tensor]]) -> float:
+    """Relative change of the output; a fold that makes the forward pass fail is an infinite change."""
+    try:
+        return _relative_change(reference, run())
+    except Exception:
+        return math.inf
+
+
+def _find_wrong_folds(probe: nn.Module, pairs: list[tuple[str, str]], run: Callable[[], list[torch.Tensor]],
+                      reference: list[torch.Tensor]) -> dict[str, SkippedFold]:
+    """BN name -> why, for the folds that change the probe's output beyond ``FOLD_TOLERANCE``."""
+    modules = dict(probe.named_modules())
+    applied = [_apply_fold(probe, modules, conv_name, bn_name)[1] for conv_name, bn_name in pairs]
+    if _change(reference, run) <= FOLD_TOLERANCE:  # the usual case: one extra forward pass
+        return {}
+    for undo in reversed(applied):
+        _revert(probe, undo)
+    noise = _change(reference, run)
+    if noise > FOLD_TOLERANCE:
+        raise _Unverifiable(f"two runs of the unfolded model on the example batch differ by {noise:.3g}: "
+                            "not deterministic in eval mode?")
+    # Some fold is wrong: check them one at a time, each on top of the folds kept so far.
+    wrong: dict[str, SkippedFold] = {}
+    for conv_name, bn_name in pairs:
+        _, undo = _apply_fold(probe, modules, conv_name, bn_name)
+        change = _change(reference, run)
+        if change > FOLD_TOLERANCE:
+            _revert(probe, undo)
+            wrong[bn_name] = SkippedFold(conv_name, change)
+    return wrong
+
+
+def _fold_verified(model: nn.Module, modules: dict[str, nn.Module], pairs: list[tuple[str, str]],
+                   example_batch: Batch, result: FoldResult) -> None:
+    """Fold the ``pairs`` that leave the output on ``example_batch`` within ``FOLD_TOLERANCE``; skip the others."""
+    try:
+        probe, run, reference = _probe(model, example_batch)
+        if not reference or not all(bool(torch.isfinite(t).all()) for t in reference):
+            raise _Unverifiable("the model's output on the example batch is "
+                                + ("not finite" if reference else "not a floating tensor"))
+        wrong = _find_wrong_folds(probe, pairs, run, reference)
+    except _Unverifiable as exc:
+        _fold_unverifiable(model, modules, pairs, result, str(exc))
+        return
+    for conv_name, bn_name in pairs:
+        if bn_name in wrong:
+            _skip(result, bn_name, wrong[bn_name])
+            _logger.warning("BatchNorm %r left unfolded: %s; the conv does not simply feed this BN", bn_name,
+                            wrong[bn_name])
+        else:
+            result.bn_targets[conv_name], _ = _apply_fold(model, modules, conv_name, bn_name)
+            result.folded[bn_name] = conv_name
+    result.verified = True
+
+
+def fold_batchnorms(model: nn.Module, example_batch: Batch | None = None) -> FoldResult:
     """Fold every ``conv -> BatchNorm`` pair of ``model`` in place (the model must be in eval mode semantics).
 
     Returns the folded BNs' ``(|gamma|, beta)`` per conv (what BN tuning restores) and the activation that
     follows each conv/linear. Callers that must not mutate their model pass a copy.
+
+    Args:
+        example_batch: a calibration batch. When given, the folds are verified against the unfolded model on it
+            (in eval mode) and any fold that changes the output beyond ``FOLD_TOLERANCE`` is undone and listed in
+            ``FoldResult.skipped``. Without it, the pairs found are folded unchecked.
     """
     traced = True
     try:
         pairs, activations = _pairs_from_graph(model)
     except Exception as exc:  # torch.fx raises many types on untraceable code
-        _logger.warning("model does not trace with torch.fx (%s: %s); folding BatchNorm by module order",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        _logger.warning("model does not trace with torch.fx (%s: %s); folding BatchNorm by module order%s",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                        ", verified on the example batch" if example_batch is not None else
+                        " (unverified: no example batch)")
         pairs, activations = _pairs_from_order(model)
         traced = False
     result = FoldResult(output_activations=activations, traced=traced)
     modules = dict(model.named_modules())
-    for conv_name, bn_name in pairs:
-        result.bn_targets[conv_name] = _fold_into_conv(modules[conv_name], modules[bn_name])
-        result.folded[bn_name] = conv_name
-        _set_submodule(model, bn_name, _replacement_for(modules[bn_name]))
-    unfolded = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if example_batch is None or not pairs:
+        _fold_unverified(model, modules, pairs, result)
+    else:
+        with torch.no_grad():
+            _fold_verified(model, modules, pairs, example_batch, result)
+    unfolded = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and n not in result.skipped]
     if unfolded:
         _logger.info("BatchNorm layers left unfolded (not fed by a conv alone): %s", unfolded)
     return result
-
-

@@ -12,6 +12,15 @@ __all__ = ["Quantizer"]
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def _describe(t: torch.Tensor) -> str:
+    """A bound for a message: its value, or its first non-finite value and how many there are."""
+    flat = t.detach().reshape(-1).float()
+    if flat.numel() == 1:
+        return f"{flat.item():g}"
+    bad = flat[~torch.isfinite(flat)]
+    return f"{bad.numel()} of {flat.numel()} channels non-finite, e.g. {bad[0].item():g}" if bad.numel() else "finite"
+
+
 class Quantizer(nn.Module):
     """Uniform affine fake quantizer, per tensor (``channel_axis=None``) or per channel.
 
@@ -55,7 +64,16 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Set step and zero-point so the grid covers ``[lo, hi]`` (per channel or per tensor)."""
+        """Set step and zero-point so the grid covers ``[lo, hi]`` (per channel or per tensor).
+
+        Raises:
+            ValueError: a bound is NaN or infinite (the grid would turn every value into NaN), or the channel
+                count does not match.
+        """
+        bounds = torch.cat([lo.detach().reshape(-1).float(), hi.detach().reshape(-1).float()])
+        if not torch.isfinite(bounds).all():
+            raise ValueError(f"cannot set a quantization range from non-finite bounds [{_describe(lo)}, "
+                             f"{_describe(hi)}] (NaN or inf in the weights or calibration activations)")
         scale, zero_point, signed = qparams_from_range(lo.reshape(-1), hi.reshape(-1), self.bits, self.symmetric)
         if scale.numel() != self.scale.numel():
             raise ValueError(f"range has {scale.numel()} channels, quantizer has {self.scale.numel()}")

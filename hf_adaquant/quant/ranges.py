@@ -13,7 +13,11 @@ import torch
 
 from .functional import fake_quantize, qparams_from_range, qrange
 
-__all__ = ["RANGE_METHODS", "RangeObserver", "compute_range", "register_range_method"]
+__all__ = ["RANGE_METHODS", "NonFiniteValuesError", "RangeObserver", "compute_range", "register_range_method"]
+
+class NonFiniteValuesError(ValueError):
+    """Data for a range holds NaN or inf."""
+
 
 RangeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 RANGE_METHODS: dict[str, RangeFn] = {}
@@ -97,6 +101,10 @@ class RangeObserver:
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(x.shape[0], -1)
         sample_min, sample_max = flat.amin(dim=1), flat.amax(dim=1)
+        # amin/amax propagate NaN: checking the extremes finds any NaN or inf. Python's min()/max() below would
+        # silently drop a NaN.
+        if not (torch.isfinite(sample_min).all() and torch.isfinite(sample_max).all()):
+            raise NonFiniteValuesError("activations contain NaN or inf values")
         self.min = min(self.min, sample_min.min().item())
         self.max = max(self.max, sample_max.max().item())
         self.sum_sample_min += sample_min.sum().item()

@@ -22,11 +22,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ..config import AdaQuantConfig
+from ..config import FLOAT_FIELDS, AdaQuantConfig
 from ..data.paths import repo_root, shared_dir
 
 __all__ = ["DATA_SOURCES", "MODEL_SOURCES", "TASKS", "Recipe", "RecipeError", "apply_overrides", "load_recipe",
-           "parse_articles", "parse_recipe", "resolve_path"]
+           "numbers_from_text", "parse_articles", "parse_recipe", "resolve_path"]
 
 REQUIRED = object()
 PATH = "path"  # field kind: a file or folder, resolved and (optionally) checked to exist
@@ -245,13 +245,30 @@ def parse_recipe(raw: Mapping[str, Any], *, path: Path | None = None, check_file
     if not isinstance(quant, Mapping):
         raise RecipeError(f"{origin}: quantization must be a mapping of AdaQuantConfig fields")
     try:
-        config = AdaQuantConfig.from_dict(dict(quant))
+        config = AdaQuantConfig.from_dict(numbers_from_text(quant))
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{origin}: quantization: {err}") from None
     name = raw.get("name", path.stem if path is not None else "recipe")
     return Recipe(name=str(name), description=str(raw.get("description", "")), model=model,
                   calibration=calibration, evaluation=evaluation, quantization=config, path=path,
                   raw=copy.deepcopy(dict(raw)))
+
+
+def numbers_from_text(quant: Mapping[str, Any]) -> dict[str, Any]:
+    """``quantization`` fields with numbers written as text made numbers (float fields only).
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` (an exponent without a dot) as the string ``"1e-3"``; in a recipe or a
+    ``--set quantization.lr_weight=1e-3`` override that is meant as a number. Anything that is not a number is
+    left for :class:`AdaQuantConfig` to reject, naming the field.
+    """
+    out = dict(quant)
+    for name in FLOAT_FIELDS:
+        if isinstance(out.get(name), str):
+            try:
+                out[name] = float(out[name])
+            except ValueError:
+                pass
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

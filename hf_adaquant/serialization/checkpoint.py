@@ -4,17 +4,27 @@ A checkpoint directory holds ``config.json`` (the model's own config: transforme
 modules, with ``quantization_config`` added) and ``adaquant_model.safetensors`` (packed codes + float tensors of
 the layers left in float). Only safetensors is read: no pickle. The weights file carries a SHA-256 of its tensors
 in its metadata so a corrupted file is reported, not loaded.
+
+The two files are bound to each other: ``checkpoint_layout.weights_sha256`` in config.json is the weights file's
+tensor digest, and the weights metadata holds a digest of the checkpoint layout (layers, bits, shapes, folded
+BatchNorms). Files of different saves, or a config.json edited by hand, are refused on load instead of giving a
+model whose bits do not match its codes. Checkpoints written before the binding (neither key) still load.
+
+A save builds the whole folder next to the target and swaps it in atomically (the user's other files, e.g. a
+tokenizer, are carried over); where the folder cannot be swapped (a mount point, a read-only parent) the files are
+replaced one by one with config.json last, and the binding turns an interrupted save into a clear error on load.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +32,33 @@ import torch
 from torch import nn
 
 from ..nn import QModuleMixin
-from .layout import (LAYOUT_VERSION, WEIGHTS_NAME, apply_signed, describe_model, pack_layer, quantize_skeleton_,
-                     unpack_layer)
+from ..utils.files import TEMP_MARKER, fsync_path, remove_stale_temporaries, replace_directory, temporary_name
+from .layout import (LAYOUT_VERSION, WEIGHTS_NAME, apply_signed, check_layer_tensors, describe_model, pack_layer,
+                     quantize_skeleton_, unpack_layer, validate_layer_description)
+from .packed import freeze
 
-__all__ = ["CONFIG_NAME", "CheckpointError", "load_quantized", "model_kind", "quantization_config_dict",
-           "read_checkpoint_config", "read_weights", "save_quantized", "validate_layout"]
+__all__ = ["CONFIG_NAME", "CheckpointError", "check_weights_header", "layout_digest", "load_quantized", "model_kind",
+           "quantization_config_dict", "read_checkpoint_config", "read_weights", "save_quantized", "validate_layout",
+           "verify_layer_tensors"]
 
 _logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-_DIGEST_KEY = "hf_adaquant_sha256"
+_GENERATION_CONFIG_NAME = "generation_config.json"
+_DIGEST_KEY = "hf_adaquant_sha256"  # weights metadata: SHA-256 of the tensors
+_LAYOUT_DIGEST_KEY = "hf_adaquant_layout_sha256"  # weights metadata: SHA-256 of the checkpoint layout
+_WEIGHTS_DIGEST_KEY = "weights_sha256"  # checkpoint_layout: the weights file's _DIGEST_KEY
 # What transformers / timm load as float weights from a folder (sharded checkpoints need their index file).
 _FLOAT_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                        "pytorch_model.bin.index.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+_FLOAT_SHARD_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+# Renames that fail when the folder cannot be swapped as a whole (a mount point, a read-only or locked parent).
+_NO_SWAP_ERRNOS = frozenset({errno.EXDEV, errno.EBUSY, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupted, truncated or of an unknown layout version."""
+    """A checkpoint file is missing, corrupted, truncated, of an unknown layout version, or does not belong to the
+    other file of its folder; or a save target holds files a save would destroy."""
 
 
 # ----------------------------------------------------------------------------------------------------------- kinds
@@ -66,19 +86,54 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def layout_digest(layout: dict[str, Any]) -> str:
+    """SHA-256 of a ``checkpoint_layout`` (everything but the weights digest it holds), as stored in the weights."""
+    body = {k: v for k, v in layout.items() if k != _WEIGHTS_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_weights(tensors: dict[str, torch.Tensor], path: Path, layout: dict[str, Any] | None = None) -> str:
+    """Write ``tensors`` with their digest (and ``layout``'s, binding the file to its config); returns the digest."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "hf_adaquant_layout": str(LAYOUT_VERSION),
-                                            _DIGEST_KEY: _digest(tensors)})
+    digest = _digest(tensors)
+    metadata = {"format": "pt", "hf_adaquant_layout": str(LAYOUT_VERSION), _DIGEST_KEY: digest}
+    if layout is not None:
+        metadata[_LAYOUT_DIGEST_KEY] = layout_digest(layout)
+    save_file(tensors, str(path), metadata=metadata)
+    return digest
 
 
-def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of an ``adaquant_model.safetensors`` file, checked against the digest in its metadata.
+def _open_error(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupted or truncated safetensors file ({type(exc).__name__}: {exc})")
+
+
+def _check_binding(path: Path, metadata: dict[str, str], layout: dict[str, Any]) -> None:
+    """Refuse a config.json and a weights file that were not saved together (or were edited since)."""
+    config_path = path.parent / CONFIG_NAME
+    recorded_layout = metadata.get(_LAYOUT_DIGEST_KEY)
+    recorded_weights = layout.get(_WEIGHTS_DIGEST_KEY)
+    if recorded_layout is None and recorded_weights is None:
+        return  # written before the binding existed: nothing to compare
+    problem = None
+    if recorded_layout is None or recorded_weights is None:
+        problem = "only one of them records the other's digest"
+    elif recorded_weights != metadata.get(_DIGEST_KEY):
+        problem = "the weights digest in config.json differs from the file's"
+    elif recorded_layout != layout_digest(layout):
+        problem = "the checkpoint_layout in config.json (layers, bits, shapes) differs from the one saved"
+    if problem:
+        raise CheckpointError(f"{config_path} does not belong to {path} (saved by different runs, or edited?): "
+                              f"{problem}")
+
+
+def check_weights_header(path: str | os.PathLike, layout: dict[str, Any] | None = None) -> dict[str, str]:
+    """Open a weights file's header only (cheap): it must be a whole safetensors file of this library, bound to
+    ``layout`` when given. Returns its metadata.
 
     Raises:
-        CheckpointError: the file is missing, not a safetensors file, truncated, or its content changed.
+        CheckpointError: missing, truncated, not ours, or not saved with ``layout`` (naming the file).
     """
     from safetensors import safe_open
 
@@ -86,17 +141,53 @@ def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises SafetensorError / OSError / RuntimeError by failure
-        raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({type(exc).__name__}: {exc})") from exc
-    expected = metadata.get(_DIGEST_KEY)
-    if expected is None:
+        raise _open_error(path, exc) from exc
+    if _DIGEST_KEY not in metadata:
         raise CheckpointError(f"{path}: not an hf_adaquant weights file (no {_DIGEST_KEY} in its metadata)")
-    if _digest(tensors) != expected:
+    if layout is not None:
+        _check_binding(path, metadata, layout)
+    return metadata
+
+
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 layout: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of an ``adaquant_model.safetensors`` file, checked against the digest in its metadata (and,
+    given the ``checkpoint_layout`` of its config.json, checked to belong to that config).
+
+    Raises:
+        CheckpointError: the file is missing, not a safetensors file, truncated, its content changed, or it was
+            not saved with ``layout``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    metadata = check_weights_header(path, layout)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:
+        raise _open_error(path, exc) from exc
+    if _digest(tensors) != metadata[_DIGEST_KEY]:
         raise CheckpointError(f"{path}: corrupted (the tensors do not match the SHA-256 recorded when saved)")
     return tensors
+
+
+def verify_layer_tensors(tensors: dict[str, torch.Tensor], layout: dict[str, Any], where: str) -> None:
+    """Check every quantized layer's stored tensors against its description (dtypes, shapes, zero-points).
+
+    Raises:
+        CheckpointError: naming ``where`` (the file) and the layer.
+    """
+    for name, desc in layout["layers"].items():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            check_layer_tensors(own, desc)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: layer {name!r}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -120,6 +211,19 @@ def validate_layout(qconfig: Any, where: str) -> dict[str, Any]:
     for key in ("layers", "folded_batchnorms", "weights_file"):
         if key not in layout:
             raise CheckpointError(f"{where}: checkpoint_layout lacks {key!r}")
+    if not isinstance(layout["layers"], dict) or not layout["layers"]:
+        raise CheckpointError(f"{where}: checkpoint_layout.layers must be a non-empty object")
+    for name, desc in layout["layers"].items():
+        try:
+            validate_layer_description(desc)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: checkpoint_layout.layers[{name!r}]: {exc}") from exc
+    folded = layout["folded_batchnorms"]
+    if not isinstance(folded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in folded.items()):
+        raise CheckpointError(f"{where}: checkpoint_layout.folded_batchnorms must map BatchNorm names to layer names")
+    digest = layout.get(_WEIGHTS_DIGEST_KEY)
+    if digest is not None and not isinstance(digest, str):
+        raise CheckpointError(f"{where}: checkpoint_layout.{_WEIGHTS_DIGEST_KEY} must be a string")
     weights_file = layout["weights_file"]
     if not isinstance(weights_file, str) or not weights_file.endswith(".safetensors") or \
             Path(weights_file).name != weights_file or weights_file in (".", ".."):
@@ -172,7 +276,11 @@ def model_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
             # clone: tied parameters share storage, which safetensors refuses
             tensors[key] = value.detach().cpu().clone()
     for name, module in qlayers.items():
-        for suffix, tensor in pack_layer(module).items():
+        try:
+            packed = pack_layer(module)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from exc
+        for suffix, tensor in packed.items():
             tensors[f"{name}.{suffix}"] = tensor
     return tensors
 
@@ -204,18 +312,128 @@ def _write_config(qmodel: nn.Module, kind: str, qconfig: dict[str, Any], directo
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _write_checkpoint(directory: Path, qmodel: nn.Module, kind: str, qconfig: dict[str, Any],
+                      tensors: dict[str, torch.Tensor], base_model_config: Any) -> None:
+    """Write the weights, then config.json (recording the weights digest), into the empty folder ``directory``."""
+    layout = qconfig["checkpoint_layout"]
+    layout.pop(_WEIGHTS_DIGEST_KEY, None)
+    layout[_WEIGHTS_DIGEST_KEY] = write_weights(tensors, directory / layout["weights_file"], layout)
+    _write_config(qmodel, kind, qconfig, directory, base_model_config)
+
+
+def _float_weight_files(directory: Path) -> list[str]:
+    found = {name for name in _FLOAT_WEIGHT_NAMES if (directory / name).exists()}
+    for pattern in _FLOAT_SHARD_PATTERNS:
+        found.update(path.name for path in directory.glob(pattern))
+    return sorted(found)
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a target a save would damage: a file, or a folder holding another model's float weights."""
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a folder")
+    found = _float_weight_files(target) if target.is_dir() else []
+    if found:
+        # Never deleted: they may be the only copy of a model. Left next to the codes, they would load (as the float
+        # model, or mixed) where hf_adaquant is not imported.
+        raise CheckpointError(f"{target}: holds another model's float weights ({', '.join(found)}); nothing was "
+                              "written. Save the quantized checkpoint into an empty folder, or remove those files "
+                              "yourself")
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove what killed saves left: staging folders next to ``target`` and in-place temporaries inside it."""
+    for directory, name in ((target.parent, target.name), (target, None)):
+        try:
+            remove_stale_temporaries(directory, name)
+        except OSError as exc:  # cleaning is best effort: it must not stop the save
+            _logger.warning("%s: could not remove stale temporaries (%s)", directory, exc)
+
+
+def _can_swap(target: Path) -> bool:
+    """Whether a sibling folder can replace ``target`` by a rename: not a mount point, a writable parent, and not
+    this process's working folder (which would be left pointing at the removed old folder)."""
+    if not target.is_dir():
+        return True
+    return not os.path.ismount(target) and os.access(target.parent, os.W_OK | os.X_OK) and \
+        not os.path.samefile(target, os.getcwd())
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)  # the old folder goes away after the swap: a link costs no copy
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _carry_user_files(target: Path, staging: Path) -> None:
+    """Copy into ``staging`` the files of ``target`` a save does not write (tokenizer, README, eval results...)."""
+    own = {CONFIG_NAME, _GENERATION_CONFIG_NAME, WEIGHTS_NAME}
+    for item in target.iterdir():
+        if item.name in own or TEMP_MARKER in item.name:
+            continue
+        destination = staging / item.name
+        if item.is_symlink():
+            os.symlink(os.readlink(item), destination)
+        elif item.is_dir():
+            shutil.copytree(item, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(item), str(destination))
+
+
+def _save_swapped(target: Path, write: Any) -> None:
+    """Build the whole new folder next to ``target``, then swap it in: readers see the old folder or the new one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(target)  # remove_stale_temporaries(parent, target.name) finds it after a kill
+    os.mkdir(staging)
+    try:
+        if target.is_dir():
+            os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
+            _carry_user_files(target, staging)
+        write(staging)
+        for item in staging.iterdir():
+            fsync_path(item)
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _save_in_place(target: Path, write: Any) -> None:
+    """Where the folder cannot be swapped: write into a temporary folder inside ``target``, then move the files
+    in one by one, config.json last. config.json is the commit point: a save killed before it leaves new weights
+    with the old config, which the digest binding refuses on load (never a silent mix)."""
+    staging = temporary_name(target / "checkpoint")
+    os.mkdir(staging)
+    try:
+        write(staging)
+        names = sorted(item.name for item in staging.iterdir() if item.name != CONFIG_NAME) + [CONFIG_NAME]
+        for name in names:
+            fsync_path(staging / name)
+            os.replace(staging / name, target / name)
+        fsync_path(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_quantized(qmodel: nn.Module, save_dir: str | os.PathLike, *, base_model_config: Any = None) -> Path:
     """Write ``qmodel`` (from :func:`hf_adaquant.quantize`) as a compact checkpoint directory.
 
     Args:
         qmodel: a quantized transformers, timm or plain PyTorch model.
-        save_dir: target directory; replaced atomically (files are written to a temp dir, then renamed).
+        save_dir: target directory. An existing one is replaced as a whole (the new folder is built next to it,
+            with the other files already there such as a tokenizer, then swapped in); it must not hold another
+            model's float weights (``model.safetensors``, ``pytorch_model.bin``...), which are never deleted.
         base_model_config: transformers: a ``PretrainedConfig`` to write instead of ``qmodel.config`` or a dict of
             overrides; timm: timm's ``model_config`` (extra keys, ``model_args``); plain modules: extra JSON keys
             (e.g. the arguments of the skeleton factory).
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        CheckpointError: ``save_dir`` is a file or holds float weights (nothing is written).
+        OSError: the folder cannot be written (naming ``save_dir``); a previous checkpoint there is left whole.
 
     Example:
         >>> qmodel = quantize(model, batches, AdaQuantConfig(weight_bits=4))
@@ -225,30 +443,27 @@ def save_quantized(qmodel: nn.Module, save_dir: str | os.PathLike, *, base_model
     kind = model_kind(qmodel)
     qconfig = quantization_config_dict(qmodel)
     tensors = model_tensors(qmodel)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", dir=save_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is an ordinary folder
+    # absolute (a name for the sibling staging folder even for "."); a link: replace its folder, keep the link
+    target = save_dir.resolve() if save_dir.is_symlink() else Path(os.path.abspath(save_dir))
+    _check_target(target)
+
+    def write(directory: Path) -> None:
+        _write_checkpoint(directory, qmodel, kind, qconfig, tensors, base_model_config)
+
     try:
-        write_weights(tensors, tmp / WEIGHTS_NAME)
-        _write_config(qmodel, kind, qconfig, tmp, base_model_config)
-        if save_dir.exists():
-            # keep unrelated files (tokenizer, README) that callers put there
-            for item in tmp.iterdir():
-                os.replace(item, save_dir / item.name)
-            # float weights left there would load silently (as the float model) where hf_adaquant is not imported
-            for float_name in _FLOAT_WEIGHT_NAMES:
-                stale = save_dir / float_name
-                if stale.exists():
-                    _logger.warning("%s: removing float weights next to the quantized checkpoint", stale)
-                    stale.unlink()
-            tmp.rmdir()
+        _remove_stale(target)
+        if not _can_swap(target):
+            _save_in_place(target, write)
         else:
-            os.replace(tmp, save_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                _save_swapped(target, write)
+            except OSError as exc:
+                if exc.errno not in _NO_SWAP_ERRNOS or not target.is_dir():
+                    raise
+                _logger.info("%s: cannot swap the folder (%s); replacing its files one by one", target, exc.strerror)
+                _save_in_place(target, write)
+    except OSError as exc:  # name the user's folder, not a hidden temporary
+        raise OSError(exc.errno, f"cannot save the checkpoint: {exc.strerror or exc}", str(save_dir)) from exc
     _logger.info("saved %s quantized checkpoint to %s", kind, save_dir)
     return save_dir
 
@@ -279,7 +494,10 @@ def load_state_into_(model: nn.Module, tensors: dict[str, torch.Tensor], layout:
     for name, desc in layout["layers"].items():
         prefix = f"{name}."
         own = {k[len(prefix):]: stored.pop(k) for k in [k for k in stored if k.startswith(prefix)]}
-        layer_state, signed[name] = unpack_layer(own, desc, f"{where}: layer {name!r}")
+        try:
+            layer_state, signed[name] = unpack_layer(own, desc, f"{where}: layer {name!r}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
         state.update({prefix + k: v for k, v in layer_state.items()})
         unknown = sorted(set(own) - {"weight_packed", "weight_scale", "weight_zero_point", "weight_signed", "bias",
                                      "input_scale", "input_zero_point", "input_signed"})
@@ -321,7 +539,7 @@ def _skeleton(directory: Path, config: dict[str, Any], model: nn.Module | None) 
 
 
 def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | None = None,
-                   device: str | torch.device = "cpu", **hub_kwargs: Any) -> nn.Module:
+                   device: str | torch.device = "cpu", packed: bool = False, **hub_kwargs: Any) -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`, from a directory or a Hub repo id.
 
     Args:
@@ -329,6 +547,7 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
         model: float skeleton (same architecture and arguments) for plain PyTorch models; optional for timm and
             transformers checkpoints, whose config names the architecture. Not modified (a copy is used).
         device: where the loaded model goes.
+        packed: keep the weights as packed integer codes in memory (:func:`hf_adaquant.freeze`), not float32.
         **hub_kwargs: passed to ``huggingface_hub.snapshot_download`` (``revision``, ``token``, ``cache_dir``,
             ``local_files_only``...).
 
@@ -336,8 +555,9 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
         The quantized model in eval mode; its outputs equal those of the model that was saved.
 
     Raises:
-        CheckpointError: a missing/corrupted file, an unknown layout version or a skeleton that does not match,
-            naming the file.
+        CheckpointError: a missing/corrupted file, an unknown layout version, a config.json and weights file that
+            were not saved together (or were edited), stored tensors that do not fit the layer's bits, or a skeleton
+            that does not match; naming the file (and the layer).
     """
     directory = resolve_checkpoint_dir(path_or_repo_id, **hub_kwargs)
     config = read_checkpoint_config(directory)
@@ -353,9 +573,12 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
         cls = getattr(transformers, arch, None) if arch else None
         if cls is None:
             cls = transformers.AutoModel
-        read_weights(weights_path)  # clear error on a corrupted file before transformers parses it
-        return cls.from_pretrained(str(directory), device_map=None).to(device).eval()
-    tensors = read_weights(weights_path)
+        # a clear error on a truncated or foreign file before transformers opens it (the full check runs in the hook)
+        check_weights_header(weights_path, layout)
+        loaded = cls.from_pretrained(str(directory), device_map=None)
+        return (freeze(loaded) if packed else loaded).to(device).eval()
+    tensors = read_weights(weights_path, layout=layout)
+    verify_layer_tensors(tensors, layout, str(weights_path))
     skeleton = _skeleton(directory, config, model)
     where = str(weights_path)
     try:
@@ -366,4 +589,4 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
     attach_report(skeleton, qconfig)
     for p in skeleton.parameters():
         p.requires_grad_(False)
-    return skeleton.to(device).eval()
+    return (freeze(skeleton) if packed else skeleton).to(device).eval()

@@ -16,18 +16,22 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn import QMODULES, QModuleMixin
+from ..nn.qmodule import OUTPUT_ACTIVATIONS
 from ..prepare.fold_bn import _replacement_for
 from ..quant.functional import qrange
 from .pack import pack_codes, packed_nbytes, unpack_codes
 
-__all__ = ["LAYOUT_VERSION", "WEIGHTS_NAME", "describe_model", "layer_tensor_specs", "pack_layer",
-           "quantize_skeleton_", "set_submodule", "unpack_layer"]
+__all__ = ["LAYOUT_VERSION", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
+           "pack_layer", "quantize_skeleton_", "set_submodule", "unpack_layer", "validate_layer_description"]
 
 LAYOUT_VERSION = 1
 # Not ``model.safetensors``: loaders that do not know the format (transformers or timm without hf_adaquant) then
 # find no weights they recognise and fail instead of building a float model around missing weights.
 WEIGHTS_NAME = "adaquant_model.safetensors"
 _MIN_STEP = 1e-8  # the clamp ``Quantizer._step`` applies
+_MIN_BITS, _MAX_BITS = 2, 8
+_LAYER_KEYS = ("type", "weight_bits", "activation_bits", "weight_symmetric", "activation_symmetric",
+               "output_activation", "weight_shape")
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -39,7 +43,8 @@ def describe_layer(module: QModuleMixin) -> dict[str, Any]:
     """JSON description of one quantized layer (what rebuilding its module needs)."""
     iq = module.input_quantizer
     return {
-        "type": type(module).__name__,
+        # the registered quantized class (a frozen FrozenQConv2d is stored as the QConv2d it packs)
+        "type": next((c for c in type(module).__mro__ if c in QMODULES.values()), type(module)).__name__,
         "weight_bits": module.weight_quantizer.bits,
         "activation_bits": None if iq is None else iq.bits,
         "weight_symmetric": bool(module.weight_quantizer.symmetric),
@@ -57,6 +62,41 @@ def describe_model(qmodel: nn.Module, folded_batchnorms: dict[str, str]) -> dict
     return {"version": LAYOUT_VERSION, "weights_file": WEIGHTS_NAME,
             "packing": "unsigned codes (code - qmin), 8-bit slots for 5..8 bits, 4-bit for 3..4, 2-bit for 2",
             "layers": layers, "folded_batchnorms": dict(folded_batchnorms)}
+
+
+def _check_bits(value: Any, key: str, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not _MIN_BITS <= value <= _MAX_BITS:
+        raise ValueError(f"{key} must be an integer in {_MIN_BITS}..{_MAX_BITS}"
+                         f"{' or null' if allow_none else ''}, got {value!r}")
+
+
+def validate_layer_description(desc: Any) -> None:
+    """Check one ``checkpoint_layout.layers`` entry (types and ranges of every field).
+
+    Raises:
+        ValueError: a field is missing or has an impossible value (names the field).
+    """
+    if not isinstance(desc, dict):
+        raise ValueError(f"must be a JSON object, got {type(desc).__name__}")
+    missing = [key for key in _LAYER_KEYS if key not in desc]
+    if missing:
+        raise ValueError(f"lacks {missing}")
+    if not isinstance(desc["type"], str):
+        raise ValueError(f"type must be a class name, got {desc['type']!r}")
+    _check_bits(desc["weight_bits"], "weight_bits", allow_none=False)
+    _check_bits(desc["activation_bits"], "activation_bits", allow_none=True)
+    for key in ("weight_symmetric", "activation_symmetric"):
+        if not isinstance(desc[key], bool):
+            raise ValueError(f"{key} must be true or false, got {desc[key]!r}")
+    if desc["output_activation"] is not None and desc["output_activation"] not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {sorted(OUTPUT_ACTIVATIONS)} or null, "
+                         f"got {desc['output_activation']!r}")
+    shape = desc["weight_shape"]
+    if not isinstance(shape, list) or not shape or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"weight_shape must be a list of positive integers, got {shape!r}")
 
 
 def layer_tensor_specs(desc: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -97,7 +137,47 @@ def pack_layer(module: QModuleMixin) -> dict[str, torch.Tensor]:
         out.update(input_scale=iq.scale.detach().float().cpu().clone(),
                    input_zero_point=torch.round(iq.zero_point.detach()).to(torch.int32).cpu(),
                    input_signed=torch.tensor([int(iq.signed)], dtype=torch.uint8))
+    # what load would refuse is refused here, so a save that succeeds always loads
+    check_layer_tensors(out, describe_layer(module))
     return out
+
+
+def _check_zero_points(zero_point: torch.Tensor, bits: int, symmetric: bool, signed: bool, what: str) -> None:
+    if symmetric:
+        if bool((zero_point != 0).any()):
+            raise ValueError(f"{what} zero-point must be 0 on a symmetric grid, got {int(zero_point.abs().max())}")
+        return
+    qmin, qmax = qrange(bits, signed)
+    # AdaQuant learns zero-points, so one may leave the grid a little, never by a whole grid width: farther out it
+    # belongs to a quantizer of other bits (e.g. an 8-bit zero-point 122 under a config edited to 2 bits).
+    slack = 2**bits
+    outside = (zero_point < qmin - slack) | (zero_point > qmax + slack)
+    if bool(outside.any()):
+        raise ValueError(f"{what} zero-point {int(zero_point[outside][0])} is far outside the {bits}-bit grid "
+                         f"[{qmin}, {qmax}]: it does not belong to a {bits}-bit quantizer")
+
+
+def check_layer_tensors(tensors: dict[str, torch.Tensor], desc: dict[str, Any]) -> None:
+    """Check a layer's stored tensors against its description: names, dtypes and shapes, ``signed`` flags 0/1,
+    zero-points that fit the described bits (defence in depth: the checkpoint digests catch edits first).
+
+    Raises:
+        ValueError: the first inconsistency, naming the tensor.
+    """
+    for suffix, (dtype, shape) in layer_tensor_specs(desc).items():
+        t = tensors.get(suffix)
+        if t is None:
+            raise ValueError(f"tensor {suffix!r} is missing")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"tensor {suffix!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    sides = [("weight", desc["weight_bits"], desc["weight_symmetric"])]
+    if desc["activation_bits"] is not None:
+        sides.append(("input", desc["activation_bits"], desc["activation_symmetric"]))
+    for side, bits, symmetric in sides:
+        flag = int(tensors[f"{side}_signed"].item())
+        if flag not in (0, 1):
+            raise ValueError(f"tensor '{side}_signed' must be 0 or 1, got {flag}")
+        _check_zero_points(tensors[f"{side}_zero_point"].cpu(), bits, symmetric, bool(flag), side)
 
 
 def unpack_layer(tensors: dict[str, torch.Tensor], desc: dict[str, Any],
@@ -105,14 +185,13 @@ def unpack_layer(tensors: dict[str, torch.Tensor], desc: dict[str, Any],
     """The quantized module's state dict (relative names) and its ``signed`` flags from the stored tensors.
 
     Raises:
-        ValueError: a tensor is missing or has the wrong dtype/shape (``where`` names the layer and file).
+        ValueError: a tensor is missing, has the wrong dtype/shape, or values that do not fit the layer's bits
+            (``where`` names the layer and file).
     """
-    for suffix, (dtype, shape) in layer_tensor_specs(desc).items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise ValueError(f"{where}: tensor {suffix!r} is missing")
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{where}: tensor {suffix!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    try:
+        check_layer_tensors(tensors, desc)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
     bits, shape = desc["weight_bits"], tuple(desc["weight_shape"])
     signed = {"weight": bool(tensors["weight_signed"].item())}
     qmin, qmax = qrange(bits, signed["weight"])

@@ -63,6 +63,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if packed.numel() != packed_nbytes(numel, bits):
         raise ValueError(f"{numel} codes of {bits} bits need {packed_nbytes(numel, bits)} bytes, got {packed.numel()}")
     per_byte = 8 // slot
-    shifts = torch.arange(per_byte, dtype=torch.int64) * slot
+    # on the codes' device: frozen models (hf_adaquant.freeze) unpack on the GPU in every forward
+    shifts = torch.arange(per_byte, dtype=torch.int64, device=packed.device) * slot
     codes = (packed.to(torch.int64).unsqueeze(1) >> shifts) & (2**slot - 1)
     return codes.reshape(-1)[:numel]

@@ -11,9 +11,18 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["Batch", "batch_size", "call_model", "materialize_batches", "slice_batch", "split_batches", "to_device"]
+__all__ = ["Batch", "CalibrationBatchError", "batch_size", "call_model", "check_batch_structure",
+           "materialize_batches", "slice_batch", "split_batches", "to_device"]
 
 Batch = Any
+
+
+class CalibrationBatchError(ValueError):
+    """The model failed on one calibration batch: ``batch_index`` names it, the model's own error is the cause."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"the model failed on calibration batch {index}: {type(error).__name__}: {error}")
+        self.batch_index = index
 
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:
@@ -44,7 +53,8 @@ def materialize_batches(data: Iterable[Batch], max_samples: int | None = None) -
     """Read the calibration iterable once into a list of CPU batches, checking it is usable.
 
     Raises:
-        ValueError: the data is empty, or a floating tensor holds NaN/Inf (naming the batch and key).
+        ValueError: the data is empty, a floating tensor holds NaN/Inf, or a batch's structure differs from the
+            first one's (:func:`check_batch_structure`); the message names the batch and the input.
     """
     if isinstance(data, (torch.Tensor, Mapping)):
         raise TypeError("calibration_data must be an iterable of batches (e.g. a list or a DataLoader), "
@@ -61,6 +71,8 @@ def materialize_batches(data: Iterable[Batch], max_samples: int | None = None) -
         for key, t in zip(keys, tensors):
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"calibration batch {i} (input {key!r}) contains NaN or Inf values")
+        if batches:
+            check_batch_structure(batches[0], batch, i)
         batches.append(to_device(batch, "cpu"))
         seen += batch_size(batch)
         if max_samples is not None and seen >= max_samples:
@@ -70,8 +82,80 @@ def materialize_batches(data: Iterable[Batch], max_samples: int | None = None) -
     return batches
 
 
-def call_model(model: nn.Module, batch: Batch) -> Any:
-    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` by the batch's type, on the model's device."""
+def _entries(batch: Batch) -> tuple[str, dict[Any, Any]]:
+    """``(kind, {key: value})`` of a batch: its container type and its inputs by name or position."""
+    if isinstance(batch, torch.Tensor):
+        return "a tensor", {0: batch}
+    if isinstance(batch, Mapping):
+        return "a dict", dict(batch)
+    return f"a tuple/list of {len(batch)} inputs", dict(enumerate(batch))  # both are called as model(*batch)
+
+
+def _entry_difference(first: Any, other: Any) -> str | None:
+    """How input ``other`` differs from the same input of batch 0, or None."""
+    if not isinstance(first, torch.Tensor) or not isinstance(other, torch.Tensor):
+        same = type(first) is type(other)
+        return None if same else f"is a {type(other).__name__}, but in batch 0 a {type(first).__name__}"
+    if first.dtype != other.dtype:
+        return f"has dtype {other.dtype}, but batch 0 has {first.dtype}"
+    if first.dim() != other.dim():
+        return f"has shape {tuple(other.shape)}, but batch 0 has {tuple(first.shape)} (another number of dimensions)"
+    # Image-like inputs (N x C x H x W and up): the channels are fixed by the model's first layer. Other
+    # non-batch sizes may legitimately differ (text sequence lengths, image resolutions for pooled models);
+    # a model that rejects them fails with the batch index (call_model's ``index``).
+    if first.is_floating_point() and first.dim() >= 4 and first.shape[1] != other.shape[1]:
+        return f"has shape {tuple(other.shape)}, but batch 0 has {tuple(first.shape)} (another number of channels)"
+    return None
+
+
+def check_batch_structure(first: Batch, batch: Batch, index: int) -> None:
+    """Check that calibration batch ``index`` has the structure of batch 0, before any model runs.
+
+    Same container (tensor, tuple/list of the same length, dict with the same keys), and per input the same
+    type, dtype and number of dimensions (and channels for image-like inputs); batch and sequence lengths may
+    differ.
+
+    Raises:
+        ValueError: naming the batch index, the input and what differs.
+    """
+    kind0, entries0 = _entries(first)
+    kind, entries = _entries(batch)
+    if kind != kind0 or entries.keys() != entries0.keys():
+        if isinstance(first, Mapping) and isinstance(batch, Mapping):
+            kind0, kind = (f"a dict with keys {sorted(map(str, e))}" for e in (entries0, entries))
+        raise ValueError(f"calibration batch {index} is {kind}, but batch 0 is {kind0}: every batch must hold "
+                         "the same inputs")
+    for key, value in entries.items():
+        difference = _entry_difference(entries0[key], value)
+        if difference is not None:
+            raise ValueError(f"calibration batch {index}, input {key!r}: {difference}; every batch must hold the "
+                             "same kind of inputs")
+
+
+def call_model(model: nn.Module, batch: Batch, index: int | None = None, *,
+               passthrough: tuple[type[BaseException], ...] = ()) -> Any:
+    """``model(batch)``, ``model(*batch)`` or ``model(**batch)`` by the batch's type, on the model's device.
+
+    With ``index`` (the calibration batch's position in the user's data), an error of the model is re-raised as
+    :class:`CalibrationBatchError` naming that batch, the original as ``__cause__``: otherwise a bad batch among
+    hundreds gives the model's bare shape error. Exceptions of the ``passthrough`` types (a hook's control flow
+    or its own error that names the batch) are re-raised as they are; out-of-memory and OS errors (disk full
+    while spilling a cache) are not the batch's fault and keep their type, with the batch added as a note.
+    """
+    if index is None:
+        return _call(model, batch)
+    try:
+        return _call(model, batch)
+    except (CalibrationBatchError, *passthrough):
+        raise
+    except (MemoryError, torch.cuda.OutOfMemoryError, OSError) as exc:  # not the batch's fault: keep the type
+        exc.add_note(f"while running calibration batch {index}")
+        raise
+    except Exception as exc:
+        raise CalibrationBatchError(index, exc) from exc
+
+
+def _call(model: nn.Module, batch: Batch) -> Any:
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "cpu":
         batch = to_device(batch, param.device)

@@ -125,9 +125,18 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def _remove(path: Path) -> None:
+    """Delete a folder tree, or a file or link (what ``replace_directory`` may find at the target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> None:
     """Put the finished folder ``staging`` at ``target`` (a sibling on the same file system), replacing any folder
-    there in one atomic exchange where the OS supports it, else in two renames; the old folder is then removed.
+    (or file) there in one atomic exchange where the OS supports it, else in two renames; the old one is then
+    removed.
 
     A reader sees the old folder or the new one, never a mix of their files.
     """
@@ -136,10 +145,14 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
     if not target.exists():
         os.replace(staging, target)
     elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the old folder
+        _remove(staging)  # now holds the old folder (or file)
     else:
         old = temporary_name(target)
         os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(old, target)  # put the old folder back: never leave the target missing
+            raise
+        _remove(old)
     fsync_path(target.parent)

@@ -43,16 +43,18 @@ def bert_qa_quantization_config(weight_bits: int = 8, activation_bits: int | Non
         weight_bits / activation_bits: precision of the encoder's Linear layers.
         pipeline: "light" or "advanced".
         head: name of the QA head Linear in the model. head_bits: its ``(w, a)``; None quantizes it like the
-            encoder.
+            encoder (pinned inside the budget when ``size_budget``/``bops_budget`` is given).
         overrides: any other ``AdaQuantConfig`` field (``iterations``, ``activation_range_method``, ...);
-            ``layer_bits`` entries are merged after the head's.
+            ``layer_bits`` / ``pinned_layers`` entries are merged after the head's.
     """
-    layer_bits = {}
+    head_entry = {}
     if head_bits is not None:
         abits = None if activation_bits is None else head_bits[1]
-        layer_bits[head] = (head_bits[0], abits)
-    layer_bits.update(overrides.pop("layer_bits", {}) or {})
+        head_entry[head] = (head_bits[0], abits)
+    # Under a size/BOPs budget the bit allocation owns layer_bits: the head is pinned inside the budget instead.
+    budgeted = overrides.get("size_budget") is not None or overrides.get("bops_budget") is not None
+    key = "pinned_layers" if budgeted else "layer_bits"
+    overrides[key] = {**head_entry, **(overrides.get(key) or {})}
     include = overrides.pop("include", None) or [BERT_ENCODER_PATTERN, head]
     return AdaQuantConfig(weight_bits=weight_bits, activation_bits=activation_bits, pipeline=pipeline,
-                          first_last_bits=overrides.pop("first_last_bits", None), include=include,
-                          layer_bits=layer_bits, **overrides)
+                          first_last_bits=overrides.pop("first_last_bits", None), include=include, **overrides)
