@@ -6,9 +6,12 @@ from .quantize import PreparedModel, QuantizationReport, prepare_model, quantize
 from .serialization import load_quantized, save_quantized
 from .export import ExportError, export_onnx, freeze
 from .integrations import transformers as _transformers_registration  # noqa: F401,E402  (registers "adaquant")
+from .integrations import hub_methods as _hub_methods  # noqa: F401  (Hub methods on timm/plain models)
 from .quantizer import AdaQuantQuantizer
+from .utils.logging import get_verbosity, set_verbosity
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaQuantConfig", "AdaQuantQuantizer", "ExportError", "PreparedModel", "QuantizationReport", "__version__",
-           "export_onnx", "freeze", "load_quantized", "prepare_model", "quantize", "save_quantized"]
+           "export_onnx", "freeze", "get_verbosity", "load_quantized", "prepare_model", "quantize", "save_quantized",
+           "set_verbosity"]

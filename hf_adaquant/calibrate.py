@@ -7,11 +7,11 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .nn import QModuleMixin
 from .quant import NonFiniteValuesError, RangeObserver, compute_range
 from .utils.batches import Batch, call_model
+from .utils.logging import progress_bar
 
 __all__ = ["calibrate_activation_ranges", "init_weight_range", "qmodules", "quantization_disabled"]
 
@@ -77,7 +77,7 @@ def calibrate_activation_ranges(
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in layers.items()]
     try:
         with quantization_disabled(model):
-            for index, batch in enumerate(tqdm(batches, desc="calibrating ranges", disable=not progress,
+            for index, batch in enumerate(progress_bar(batches, desc="calibrating ranges", disable=not progress,
                                                leave=False)):
                 current[0] = index
                 # the observers' error already names the layer and this batch

@@ -1,9 +1,11 @@
 """``hf-adaquant``: quantize a model from a recipe, evaluate a checkpoint, push it to the Hub.
 
     hf-adaquant quantize --recipe recipes/cifar10-resnet20-w4a4.yaml --output out/r20 [--set quantization.iterations=50]
+    hf-adaquant quantize -m timm/resnet18.a1_in1k --weights int4 --activations int8 --dataset calib/ --output out/r18
     hf-adaquant evaluate out/r20 [--recipe R]
     hf-adaquant push out/r20 --repo-id me/resnet20-w4a4 [--private] [--token-env HF_TOKEN]
     hf-adaquant export --checkpoint out/r20 --output out/r20/model.onnx [--opset 21] [--input-shape 3,32,32]
+    hf-adaquant quantize --recipe R --output out/r20 --export-onnx     # also writes out/r20/model.onnx
 
 Every failure ends with one line on stderr, ``hf-adaquant COMMAND: error: TYPE: MESSAGE``, and a non-zero exit
 status: 2 for bad input (a malformed recipe, a missing file, an invalid checkpoint), 1 for an unexpected internal
@@ -24,9 +26,10 @@ from typing import Any, Sequence
 
 from .utils.files import atomic_write_text, remove_stale_temporaries, replace_directory, temporary_name
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_model_arguments", "build_parser", "main", "run_command"]
 
 _logger = logging.getLogger("hf_adaquant.cli")
+ONNX_FILE = "model.onnx"  # the name push_to_hub's model card documents
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_EVALUATION_FAILED = 3
@@ -47,15 +50,39 @@ class EvaluationFailed(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------- parser
+def add_model_arguments(q: argparse.ArgumentParser) -> None:
+    """``quantize`` without a recipe (also used by ``optimum-cli adaquant quantize``)."""
+    m = q.add_argument_group("without a recipe", "what a recipe would say, on the command line")
+    m.add_argument("-m", "--model", default=None, help="Hub id (timm/... ids are timm models) or local model folder")
+    m.add_argument("--task", default=None, help="transformers task: question-answering, sequence-classification, "
+                                                "image-classification (default: from the folder's config.json)")
+    m.add_argument("--library", choices=("timm", "transformers"), default=None,
+                   help="library of the model (default: guessed from the id or folder)")
+    m.add_argument("--weights", default="int4", help="weight bit-width: int2..int8 (default int4)")
+    m.add_argument("--activations", default="int8", help="activation bit-width: int2..int8 or none (default int8)")
+    m.add_argument("--pipeline", default="advanced", help="light or advanced (default advanced)")
+    m.add_argument("--dataset", default=None, help="calibration data: image folder / Hub image dataset (vision), "
+                                                   ".json(l) file or Hub text dataset (text models)")
+    m.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    m.add_argument("--dataset-split", default="train", help="split of the calibration dataset (default train)")
+    m.add_argument("--text-column", default=None, help="text column of a text dataset (default: 'text')")
+    m.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+    m.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a transformers model to run code from its repository (off by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-adaquant", description="AdaQuant post-training quantization.",
                                      epilog="See recipes/*.yaml for ready-made recipes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quantize", help="quantize the recipe's model and save a checkpoint")
-    q.add_argument("--recipe", required=True, help="recipe .yaml file (or the name of one in recipes/)")
+    q = sub.add_parser("quantize", help="quantize a model (from a recipe, or -m MODEL --dataset DATA) and save a "
+                                        "checkpoint")
+    q.add_argument("--recipe", default=None, help="recipe .yaml file (or the name of one in recipes/)")
     q.add_argument("--output", required=True, type=Path, help="checkpoint folder to write")
+    add_model_arguments(q)
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. quantization.iterations=50 (repeatable)")
     q.add_argument("--overwrite", action="store_true",
@@ -63,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-eval", action="store_true", help="skip the recipe's evaluation")
     q.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoint finished AdaQuant layers here; re-running with it resumes an interrupted run")
+    q.add_argument("--export-onnx", action="store_true",
+                   help=f"also export the quantized model to OUTPUT/{ONNX_FILE} (integer weights, run by "
+                        "onnxruntime; needs the onnx extra)")
 
     e = sub.add_parser("evaluate", help="reload a checkpoint and run its recipe's evaluation")
     e.add_argument("dir", type=Path, help="checkpoint folder written by 'quantize'")
@@ -76,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
     p.add_argument("--commit-message", default=None)
+    p.add_argument("--commit-description", default=None)
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    p.add_argument("--tag", dest="tags", action="append", default=None, metavar="TAG",
+                   help="extra Hub tag for the model card (repeatable)")
     p.add_argument("--token-env", default=None, metavar="VAR",
                    help="environment variable holding the Hub token (default: huggingface_hub's own lookup: "
                         "HF_TOKEN or the stored login). Tokens are never taken as arguments.")
@@ -141,11 +175,55 @@ def _evaluate_checkpoint(recipe: Any, built: Any, qmodel: Any, output: Path, sum
     summary.update(fp32=record["fp32"], quantized=record["quantized"])
 
 
+def _recipe_from_args(args: argparse.Namespace) -> Any:
+    """The recipe file, or the recipe that ``-m MODEL --dataset DATA ...`` stands for."""
+    from .recipes import apply_overrides, load_recipe, parse_recipe
+    from .recipes.from_model import recipe_for_model
+
+    if (args.recipe is None) == (args.model is None):
+        raise CliError("pass either --recipe or -m/--model (with --dataset)")
+    if args.recipe is not None:
+        return load_recipe(args.recipe, args.overrides)
+    if args.dataset is None:
+        raise CliError("-m/--model needs calibration data: --dataset (an image folder, a .json file of texts or "
+                       "a Hub dataset name)")
+    raw = recipe_for_model(args.model, dataset=args.dataset, num_samples=args.num_samples, task=args.task,
+                           library=args.library, weights=args.weights, activations=args.activations,
+                           pipeline=args.pipeline, dataset_config=args.dataset_config,
+                           dataset_split=args.dataset_split, text_column=args.text_column, revision=args.revision,
+                           trust_remote_code=args.trust_remote_code)
+    return parse_recipe(apply_overrides(raw, args.overrides))
+
+
+def _check_onnx_extra() -> None:
+    """Before a long quantization run: fail now if ``--export-onnx`` could not run at the end."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise CliError(f"--export-onnx needs the onnx extra: pip install 'hf-adaquant[onnx]' ({exc})") from None
+
+
+def _export_after_quantize(qmodel: Any, calibration: list[Any], output: Path) -> dict[str, Any]:
+    """Export the quantized model next to its saved checkpoint, traced on two calibration samples."""
+    from .export import ExportError, export_onnx
+    from .export.onnx import file_opset
+    from .utils.batches import slice_batch
+
+    try:
+        path = export_onnx(qmodel, output / ONNX_FILE, slice_batch(calibration[0], 0, 2))
+    except ExportError as exc:
+        raise CliError(f"the checkpoint is saved at {output}, but the ONNX export failed: {exc}") from exc
+    return {"output": str(path), "opset": file_opset(path), "onnx_bytes": path.stat().st_size}
+
+
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from . import quantize
-    from .recipes import build_calibration, build_model, load_recipe
+    from .recipes import build_calibration, build_model
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "export_onnx", False):
+        _check_onnx_extra()
+    recipe = _recipe_from_args(args)
     output: Path = args.output
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise CliError(f"output {output} exists and is not empty (use --overwrite to replace it)")
@@ -161,6 +239,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     size = _write_checkpoint(qmodel, recipe, built, output)
     _logger.info("quantized checkpoint saved at %s", output)
     summary: dict[str, Any] = {"output": str(output), "recipe": recipe.name, "size": size}
+    if getattr(args, "export_onnx", False):
+        summary["onnx"] = _export_after_quantize(qmodel, calibration, output)
     if not args.no_eval:  # after the save: a failed evaluation must not cost the finished checkpoint
         _evaluate_checkpoint(recipe, built, qmodel, output, summary)
     return summary
@@ -247,8 +327,9 @@ def run_push(args: argparse.Namespace, hub_api: Any = None) -> dict[str, Any]:
             raise CliError(f"environment variable {args.token_env} is not set or empty")
     recipe_path = args.dir / RECIPE_FILE
     base_model = load_recipe(recipe_path, check_files=False).base_model_id if recipe_path.is_file() else None
-    result = push_to_hub(args.dir, args.repo_id, api=hub_api, token=token, private=args.private,
+    result = push_to_hub(args.dir, args.repo_id, api=hub_api, token=token, private=True if args.private else None,
                          commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE, create_pr=args.create_pr,
+                         commit_description=args.commit_description, revision=args.revision, tags=args.tags,
                          base_model=base_model)
     url = getattr(result, "pr_url", None) or getattr(result, "commit_url", None)
     return {"repo_id": args.repo_id, "url": url}
@@ -295,7 +376,12 @@ def main(argv: Sequence[str] | None = None, *, hub_api: Any = None) -> int:
         argv: arguments (default ``sys.argv[1:]``).
         hub_api: an ``HfApi``-like object for ``push`` (tests inject a local stand-in).
     """
-    args = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv), hub_api=hub_api)
+
+
+def run_command(args: argparse.Namespace, *, hub_api: Any = None) -> int:
+    """Run parsed ``hf-adaquant`` arguments (``optimum-cli adaquant`` parses its own, then calls this); returns
+    the exit status."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.command == "quantize":

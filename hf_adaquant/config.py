@@ -135,6 +135,9 @@ class AdaQuantConfig(QuantizationConfigMixin):
         include / exclude: one fnmatch pattern on layer names or a list of them. layer_bits: ``{name or pattern:
         (w, a)}`` per-layer overrides (what bit allocation produces; e.g. ``{"*.conv_dw": (8, 8)}``; exact names
         win over patterns).
+        embedding_bits: bits per value of ``nn.Embedding`` tables (BERT word/position/type embeddings), one min-max
+        step and zero-point per row (2..8; None keeps them float). The quantized model computes with the stored
+        table. ``exclude`` patterns apply to embeddings too; tables tied to another layer (LM heads) stay float.
         weight_symmetric / activation_symmetric: zero-point fixed at 0.
         weight_range_method / activation_range_method: "minmax", "mean_minmax" (activations; the paper's),
         "mse" or "percentile".
@@ -187,6 +190,7 @@ class AdaQuantConfig(QuantizationConfigMixin):
     pipeline: str = "advanced"
     variant: str = "sequential"
     first_last_bits: int | None = 8
+    embedding_bits: int | None = 8
     include: list[str] | None = None
     exclude: list[str] | None = None
     layer_bits: dict[str, tuple[int, int | None]] = field(default_factory=dict)
@@ -283,6 +287,7 @@ class AdaQuantConfig(QuantizationConfigMixin):
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("activation_bits", self.activation_bits, allow_none=True)
         _check_bits("first_last_bits", self.first_last_bits, allow_none=True)
+        _check_bits("embedding_bits", self.embedding_bits, allow_none=True)
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
         self.layer_bits = _check_bits_map("layer_bits", self.layer_bits)

@@ -1,4 +1,4 @@
-"""Accuracy of classifiers on in-memory tensors."""
+"""Accuracy of classifiers on in-memory tensors, computed by the ``top1_accuracy`` ``evaluate`` metric."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import logging
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .metrics import load_metric
+from .utils.logging import progress_bar
 
 __all__ = ["evaluate_classifier", "top1_from_logits"]
 
@@ -34,7 +36,7 @@ def evaluate_classifier(
     x: Tensor,
     y: Tensor,
     batch_size: int = 256,
-    progress: bool = False,
+    progress: bool = True,
 ) -> float:
     """Top-1 accuracy (percent) of ``model`` on ``(x, y)``, in eval mode without gradients.
 
@@ -46,7 +48,8 @@ def evaluate_classifier(
         x: Inputs, first dimension is the sample.
         y: Integer labels ``(N,)``.
         batch_size: Samples per forward pass.
-        progress: Show a tqdm bar over batches.
+        progress: Show a progress bar over batches (``HF_HUB_DISABLE_PROGRESS_BARS`` and
+            ``hf_adaquant.utils.logging.disable_progress_bars()`` hide it).
 
     Returns:
         Accuracy in percent.
@@ -60,16 +63,17 @@ def evaluate_classifier(
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    correct = 0
+    if x.shape[0] == 0:
+        return 0.0
+    metric = load_metric("top1_accuracy")
     try:
         with torch.no_grad():
             starts = range(0, x.shape[0], batch_size)
-            for start in tqdm(starts, desc="eval", disable=not progress, leave=False):
+            for start in progress_bar(starts, desc="eval", disable=not progress, leave=False):
                 xb = x[start : start + batch_size].to(device)
-                yb = y[start : start + batch_size].to(device)
-                correct += (model(xb).argmax(dim=-1) == yb).sum().item()
+                metric.add_batch(predictions=model(xb).argmax(dim=-1).cpu(), references=y[start : start + batch_size])
     finally:
         model.train(was_training)
-    acc = 100.0 * correct / max(x.shape[0], 1)
+    acc = 100.0 * metric.compute()["correct"] / x.shape[0]  # from the count: the same float as always
     _logger.debug("top-1 %.2f%% on %d samples", acc, x.shape[0])
     return acc

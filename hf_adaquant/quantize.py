@@ -22,6 +22,7 @@ from .calibrate import calibrate_activation_ranges, init_weight_range
 from .config import AdaQuantConfig
 from .distributed import is_main_process
 from .nn import quantize_module
+from .nn.qembedding import quantize_embeddings_
 from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
 from .prepare.find_layers import check_no_meta_tensors
 from .prepare.fold_bn import FoldResult
@@ -63,7 +64,8 @@ class QuantizationReport:
 
 
 def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
-    """Copy ``model`` (never mutated), fold its BatchNorms and wrap the planned layers with quantizers."""
+    """Copy ``model`` (never mutated), fold its BatchNorms, wrap the planned layers with quantizers and put the
+    embedding tables on their ``embedding_bits`` grid."""
     check_no_meta_tensors(model)
     fp_model = copy.deepcopy(model).eval()
     fold = fold_batchnorms(fp_model, example_batch)  # each fold verified against the unfolded model on it
@@ -82,6 +84,9 @@ def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig
         qlayer.output_activation = fold.output_activations.get(name)
         qlayer.bn_target = fold.bn_targets.get(name)
         setattr(parent, child, qlayer)
+    if config.embedding_bits is not None:
+        # before any calibration: every later stage then sees (and compensates) the stored tables' error
+        quantize_embeddings_(qmodel, config.embedding_bits, config.exclude)
     return PreparedModel(fp_model, qmodel, layers, plan, fold)
 
 

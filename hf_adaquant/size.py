@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .calibrate import qmodules
+from .nn.qembedding import quantized_embeddings, row_nbytes
 
 __all__ = ["SizeReport", "model_size"]
 
@@ -33,17 +34,23 @@ def model_size(model: nn.Module) -> SizeReport:
     """Size of ``model`` as FP32 and with its quantized layers packed.
 
     Packed: ``bits`` per weight (rounded up to whole bytes per layer) plus an fp32 step and zero-point per output
-    channel and per input quantizer; biases and all other parameters and buffers stay fp32. The FP32 size counts
-    the same tensors without any quantizer parameters.
+    channel and per input quantizer; quantized embedding tables: their packed rows plus an fp32 step and zero-point
+    per row; biases and all other parameters and buffers stay fp32. The FP32 size counts the same tensors without
+    any quantizer parameters.
     """
     layers = qmodules(model)
     quantizer_tensors = {id(t) for m in layers.values() for q in (m.weight_quantizer, m.input_quantizer)
                          if q is not None for t in list(q.parameters()) + list(q.buffers())}
-    weights = {id(m.weight) for m in layers.values()}
+    tables = quantized_embeddings(model)
+    quantizer_tensors |= {id(t) for m in tables.values() for t in m.buffers()}
+    float_tables = [m._parameters["weight"] for m in tables.values() if "weight" in m._parameters]
+    weights = {id(m.weight) for m in layers.values()} | {id(t) for t in float_tables}
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     plain = [t for i, t in tensors.items() if i not in quantizer_tensors]
-    fp32 = sum(t.numel() * 4 for t in plain)
+    fp32 = sum(t.numel() * 4 for t in plain) + sum(  # frozen tables hold no float weight: count what it was
+        m.num_embeddings * m.embedding_dim * 4 for m in tables.values() if "weight" not in m._parameters)
     other = sum(t.numel() * 4 for t in plain if id(t) not in weights)
+    other += sum(m.num_embeddings * (row_nbytes(m.embedding_dim, m.bits) + 8) for m in tables.values())
     packed = sum((m.weight.numel() * m.weight_quantizer.bits + 7) // 8 + 8 * m.weight.shape[0]
                  + (8 if m.input_quantizer is not None else 0) for m in layers.values())
     return SizeReport(

@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import resource
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from hf_adaquant import AdaQuantConfig, quantize
 from hf_adaquant.data import efficientnet_lite0_transform, load_cifar10_npz, load_imagenet_tensors, shared_dir
@@ -165,8 +165,7 @@ def save_row(name: str, row: dict) -> None:
     read at start, and the later one dropped the other's row.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f".core_{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(RESULTS / f".core_{name}.lock"):
         path = RESULTS / f"core_{name}.json"
         rows = json.loads(path.read_text()) if path.exists() else []
         write_tables(name, merge_row(rows, row))

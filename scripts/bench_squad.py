@@ -4,12 +4,15 @@
 Calibration: ``--calib`` features drawn from SQuAD v1.1 dev articles 0-39 (the model's fine-tuning articles).
 Evaluation: articles 40-47 (1,589 questions, never seen), EM/F1 in ``evaluate``'s squad format. Quantization
 follows the BERT QA policy of ``hf_adaquant.tasks.squad.policy`` (encoder Linears at the setting, QA head W8A8,
-embeddings/attention matmuls/LayerNorm/softmax float). Results merge into ``benchmarks/results/squad_minilm.json``
-(one entry per run name, so runs can be redone one at a time) and the table ``squad_minilm.md``.
+embedding tables at ``--embedding-bits`` per value with a step per row (default 8; ``none``: float), attention
+matmuls/LayerNorm/softmax float). Results merge into ``benchmarks/results/squad_minilm.json`` (one entry per run
+name, so runs can be redone one at a time; quantized runs are named with their tables' bits, e.g.
+``light:W8A8 emb=8``, ``light:W8A8 emb=fp``) and the table ``squad_minilm.md``.
 
 Usage (other jobs share the machine: one thread):
     OMP_NUM_THREADS=1 python scripts/bench_squad.py                       # all runs
     OMP_NUM_THREADS=1 python scripts/bench_squad.py --runs fp32 light:W8A8 --config '{"activation_range_method": "minmax"}'
+    OMP_NUM_THREADS=1 python scripts/bench_squad.py --runs light:W8A8 light:W4A8 --embedding-bits none  # F1 effect
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ def parse_run(run: str) -> tuple[str, int | None, int | None]:
     return pipeline, int(w), int(a)
 
 
+def embedding_bits(text: str) -> int | None:
+    """``--embedding-bits``: an integer 2..8, or none/fp for float tables."""
+    if text.lower() in ("none", "fp", "fp32"):
+        return None
+    if not text.isdigit() or not 2 <= int(text) <= 8:
+        raise argparse.ArgumentTypeError(f"expected 2..8 or 'none', got {text!r}")
+    return int(text)
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -69,8 +81,9 @@ def markdown(data: dict) -> str:
         "",
         f"{data['eval']['questions']} questions, max_length {data['eval']['max_length']}, stride "
         f"{data['eval']['stride']}; calibration: {data['calibration']['num_features']} features from articles "
-        f"0-39. Policy: encoder Linears at the setting, `qa_outputs` W8A8, embeddings / attention matmuls / "
-        "LayerNorm / softmax float. Targets: F1 drop <= 0.5 (W8A8), <= 1.5 (W4A8).",
+        f"0-39. Policy: encoder Linears at the setting, `qa_outputs` W8A8, embedding tables at `emb=` bits per "
+        "value with a step per row (`fp`: float; runs named without `emb=` predate quantized tables: float), "
+        "attention matmuls / LayerNorm / softmax float. Targets: F1 drop <= 0.5 (W8A8), <= 1.5 (W4A8).",
         "",
         "| run | EM | F1 | F1 drop | target | calibration s | eval s |",
         "|---|---|---|---|---|---|---|",
@@ -109,6 +122,8 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results files (squad_minilm<tag>.json)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedding-bits", type=embedding_bits, default=8,
+                        help="bits per value of the embedding tables (2..8), or 'none' to keep them float")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
     if args.render:
@@ -150,7 +165,9 @@ def main() -> None:
         qmodel = model
         if pipeline != "fp32":
             config = bert_qa_quantization_config(wbits, abits, pipeline=pipeline, seed=args.seed, progress=False,
-                                                 **{**PIPELINE_PRESETS[pipeline], **overrides})
+                                                 **{**PIPELINE_PRESETS[pipeline], "embedding_bits": args.embedding_bits,
+                                                    **overrides})
+            run = f"{run} emb={config.embedding_bits or 'fp'}"
             start = time.perf_counter()
             qmodel = quantize(model, calib, config)
             entry["calibration_seconds"] = time.perf_counter() - start

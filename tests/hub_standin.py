@@ -42,9 +42,10 @@ class LocalHubApi:
         target = self.root / repo_id
         shutil.copytree(folder_path, target, dirs_exist_ok=True)
         n = sum(1 for c in self.calls if c[0] == "upload_folder")
-        return CommitInfo(commit_url=f"{self.endpoint}/{repo_id}/commit/{n:040x}", commit_message=commit_message or "",
+        full_id = repo_id if "/" in repo_id else f"user/{repo_id}"  # the Hub puts a bare name under the user
+        return CommitInfo(commit_url=f"{self.endpoint}/{full_id}/commit/{n:040x}", commit_message=commit_message or "",
                           commit_description="", oid=f"{n:040x}",
-                          pr_url=f"{self.endpoint}/{repo_id}/discussions/{n}" if create_pr else None)
+                          pr_url=f"{self.endpoint}/{full_id}/discussions/{n}" if create_pr else None)
 
     def create_branch(self, repo_id: str, *, branch: str, token: Any = None, repo_type: str | None = None,
                       exist_ok: bool = False, **kwargs: Any) -> None:
@@ -81,9 +82,10 @@ class LocalHubApi:
             with op.as_file() as f:
                 dst.write_bytes(f.read())
         n = sum(1 for c in self.calls if c[0] in ("create_commit", "upload_folder"))
-        return CommitInfo(commit_url=f"{self.endpoint}/{repo_id}/commit/{n:040x}", commit_message=commit_message,
+        full_id = repo_id if "/" in repo_id else f"user/{repo_id}"  # the Hub puts a bare name under the user
+        return CommitInfo(commit_url=f"{self.endpoint}/{full_id}/commit/{n:040x}", commit_message=commit_message,
                           commit_description=commit_description or "", oid=f"{n:040x}",
-                          pr_url=f"{self.endpoint}/{repo_id}/discussions/{n}" if create_pr else None)
+                          pr_url=f"{self.endpoint}/{full_id}/discussions/{n}" if create_pr else None)
 
     def repo_dir(self, repo_id: str, revision: str | None = None) -> Path:
         if revision not in (None, "main"):

@@ -228,3 +228,170 @@ def test_overwrite_replaces_a_file_and_leaves_nothing_behind(tmp_path, capsys):
     assert rc == 0 and json.loads(stdout)["output"] == str(target)
     assert target.is_dir() and (target / "config.json").is_file()
     assert _no_leftovers(target.parent) == []
+
+
+# ----------------------------------------------------------------------------------------- quantize without a recipe
+def _image_folder(root: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / "calib_images"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_quantize_timm_dir_without_recipe(tmp_path, capsys):
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    save_for_hf(model, str(tmp_path / "fp"), safe_serialization=True)
+    images = _image_folder(tmp_path)
+    out_dir = tmp_path / "q"
+    rc, stdout, err = _run(capsys, ["quantize", "-m", str(tmp_path / "fp"), "--weights", "int4", "--activations",
+                                    "int8", "--pipeline", "light", "--dataset", str(images), "--num-samples", "4",
+                                    "--output", str(out_dir), "--set", "quantization.progress=false"])
+    assert rc == 0, err
+    qcfg = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert (qcfg["weight_bits"], qcfg["activation_bits"], qcfg["pipeline"]) == (4, 8, "light")
+    recipe = yaml.safe_load((out_dir / "recipe.yaml").read_text())  # what a recipe would have said
+    assert recipe["model"]["source"] == "timm" and recipe["model"]["name"] == f"local-dir:{(tmp_path / 'fp').resolve()}"
+    assert recipe["calibration"] == {"source": "hf_image_dataset", "name": str(images.resolve()), "split": "train",
+                                     "config": None, "streaming": False, "num_samples": 4, "batch_size": 32}
+    assert json.loads(stdout)["recipe"] == "fp-w4a8"
+    reloaded = load_quantized(out_dir)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert reloaded(x).shape == (2, 10)
+
+    # the same run from the recipe it saved gives the same checkpoint: recipes keep working
+    rc, _, err = _run(capsys, ["quantize", "--recipe", str(out_dir / "recipe.yaml"), "--output",
+                               str(tmp_path / "q2")])
+    assert rc == 0, err
+    again = load_quantized(tmp_path / "q2")
+    with torch.no_grad():
+        assert torch.equal(again(x), reloaded(x))
+
+
+def test_quantize_transformers_dir_with_texts_passes_revision_and_remote_code(tmp_path, capsys, monkeypatch):
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=len(vocab), num_labels=2,
+                                             max_position_embeddings=128)).save_pretrained(tmp_path / "fp")
+    BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "fp")
+    rng = np.random.default_rng(0)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": " ".join(f"w{i}" for i in rng.integers(0, 40, 8))})
+                               for _ in range(12)))
+    seen: list[dict] = []
+    real = transformers.AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def spy(cls, name, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs.pop("revision", None)  # a local folder has no revisions; the value reached the loader
+        return real(cls, name, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
+    rc, _, err = _run(capsys, ["quantize", "-m", str(tmp_path / "fp"), "--dataset", str(texts), "--num-samples",
+                               "8", "--weights", "8", "--activations", "none", "--pipeline", "light", "--revision",
+                               "v2", "--output", str(tmp_path / "q"), "--set", "quantization.progress=false"])
+    assert rc == 0, err
+    assert seen[0]["revision"] == "v2" and seen[0]["trust_remote_code"] is False  # off by default
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["weight_bits"] == 8 and qcfg["activation_bits"] is None
+    recipe = yaml.safe_load((tmp_path / "q" / "recipe.yaml").read_text())
+    assert recipe["model"]["task"] == "sequence-classification"  # from config.json's architectures
+    assert recipe["calibration"]["source"] == "text"
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "q")
+    assert reloaded.config.quantization_config.quant_method == "adaquant"
+
+    seen.clear()
+    rc, _, err = _run(capsys, ["quantize", "-m", str(tmp_path / "fp"), "--dataset", str(texts), "--num-samples",
+                               "4", "--pipeline", "light", "--trust-remote-code", "--output", str(tmp_path / "q3"),
+                               "--set", "quantization.progress=false"])
+    assert rc == 0, err
+    assert seen[0]["trust_remote_code"] is True
+
+
+def test_quantize_without_recipe_bad_input(tmp_path, capsys):
+    rc, _, err = _run(capsys, ["quantize", "--output", str(tmp_path / "o")])
+    _assert_one_line_error(rc, err, "quantize", "either --recipe or -m/--model")
+    rc, _, err = _run(capsys, ["quantize", "-m", "timm/resnet18.a1_in1k", "--output", str(tmp_path / "o")])
+    _assert_one_line_error(rc, err, "quantize", "--dataset")
+    rc, _, err = _run(capsys, ["quantize", "-m", "timm/resnet18.a1_in1k", "--dataset", "x", "--weights", "int",
+                               "--output", str(tmp_path / "o")])
+    _assert_one_line_error(rc, err, "quantize", "--weights must look like int4")
+    rc, _, err = _run(capsys, ["quantize", "-m", "someone/bert", "--dataset", "x", "--output", str(tmp_path / "o")])
+    _assert_one_line_error(rc, err, "quantize", "pass --task")
+
+
+def test_parse_bits():
+    from hf_adaquant.recipes.from_model import parse_bits
+
+    assert [parse_bits(t, "w") for t in ("int4", "4", "w2", "a8", "uint8", "none", "FP32")] == [4, 4, 2, 8, 8, None,
+                                                                                                None]
+
+
+# ---------------------------------------------------------------------------------------------- optimum-cli adaquant
+def _optimum_cli() -> list[str]:
+    script = Path(sys.executable).parent / "optimum-cli"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "optimum.commands.optimum_cli"]
+
+
+def test_optimum_cli_lists_adaquant_in_a_fresh_process(tmp_path):
+    # run outside the checkout: the command must come from the installed distribution, not from the cwd
+    root = subprocess.run(_optimum_cli() + ["--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert root.returncode == 0 and "adaquant" in root.stdout
+    top = subprocess.run(_optimum_cli() + ["adaquant", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert top.returncode == 0, top.stderr
+    assert "quantize" in top.stdout
+    sub = subprocess.run(_optimum_cli() + ["adaquant", "quantize", "--help"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert sub.returncode == 0, sub.stderr
+    for option in ("--model", "--weights", "--activations", "--dataset", "--num-samples", "--trust-remote-code",
+                   "output"):
+        assert option in sub.stdout
+
+
+def test_optimum_cli_start_up_does_not_import_hf_adaquant(tmp_path):
+    # optimum-cli builds every plug-in's parser on each start: ours must not load hf_adaquant/torch (seconds)
+    code = ("import sys; sys.argv = ['optimum-cli', '--help']\n"
+            "from optimum.commands.optimum_cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('hf_adaquant', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "adaquant" in out.stdout and "LOADED []" in out.stdout
+
+
+def test_optimum_cli_adaquant_quantize_runs(tmp_path, capsys, monkeypatch):
+    import timm
+    from optimum.commands import optimum_cli
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("test_resnet", pretrained=False, num_classes=10).eval(), str(tmp_path / "fp"),
+                safe_serialization=True)
+    images = _image_folder(tmp_path, 4)
+    monkeypatch.setattr(sys, "argv", ["optimum-cli", "adaquant", "quantize", "-m", str(tmp_path / "fp"),
+                                      "--weights", "int4", "--activations", "int8", "--pipeline", "light",
+                                      "--dataset", str(images), "--num-samples", "4",
+                                      "--set", "quantization.progress=false", str(tmp_path / "q")])
+    optimum_cli.main()  # returns normally on success (a failure exits with hf-adaquant's status)
+    assert json.loads(capsys.readouterr().out)["output"] == str(tmp_path / "q")
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qcfg["weight_bits"], qcfg["activation_bits"]) == (4, 8)
+    monkeypatch.setattr(sys, "argv", ["optimum-cli", "adaquant", "quantize", "-m", str(tmp_path / "fp"),
+                                      str(tmp_path / "q2")])
+    with pytest.raises(SystemExit) as exc:
+        optimum_cli.main()
+    assert exc.value.code == 2 and "--dataset" in capsys.readouterr().err

@@ -52,6 +52,8 @@ def test_every_field_is_type_checked_by_name(name: str) -> None:
     ("dataset_split", None, r"dataset_split must be a string"),
     ("text_column", 3, r"text_column must be a string or None"),
     ("version", 0, r"version must be an integer >= 1"),
+    ("embedding_bits", 1, r"embedding_bits must be an integer in 2..8 or None, got 1"),
+    ("embedding_bits", 8.0, r"embedding_bits must be an integer in 2..8 or None, got 8.0"),
 ])
 def test_wrong_values_name_the_field_and_what_was_given(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

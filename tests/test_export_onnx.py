@@ -80,9 +80,11 @@ def torch_codes(qmodel: nn.Module, *args, **kwargs) -> tuple[object, dict[str, n
 
 
 def assert_same_numbers(onnx_out: list[np.ndarray], onnx_codes: dict[str, np.ndarray], ref_out: list[np.ndarray],
-                        ref_codes: dict[str, np.ndarray], integer_kernels: bool = False) -> dict[str, float]:
+                        ref_codes: dict[str, np.ndarray], integer_kernels: bool = False,
+                        flip_budget: float = 1e-3) -> dict[str, float]:
     """Codes equal up to rare one-step tie flips; samples without a flip equal to float precision (looser bounds
-    for onnxruntime's integer kernels)."""
+    for onnxruntime's integer kernels). ``flip_budget``: the fraction of codes that may differ (a transformer
+    spreads one tie flip over every later code of its sample)."""
     assert onnx_codes and set(onnx_codes) <= set(ref_codes)
     for name in set(ref_codes) - set(onnx_codes):  # merged by the exporter into an identical quantizer
         assert any(np.array_equal(ref_codes[name], ref_codes[other]) for other in onnx_codes), name
@@ -96,7 +98,7 @@ def assert_same_numbers(onnx_out: list[np.ndarray], onnx_codes: dict[str, np.nda
         assert delta.max() <= (4 if integer_kernels else 1), f"{name}: codes differ by {delta.max()} steps"
         total, changed = total + delta.size, changed + int((delta > 0).sum())
         flipped |= (delta > 0).reshape(delta.shape[0], -1).any(axis=1)
-    assert changed / total <= (0.05 if integer_kernels else 1e-3), f"{changed} of {total} codes differ"
+    assert changed / total <= (0.05 if integer_kernels else flip_budget), f"{changed} of {total} codes differ"
     scale = max(float(np.abs(r).max()) for r in ref_out)
     for got, ref in zip(onnx_out, ref_out):
         assert got.shape == ref.shape
@@ -408,3 +410,78 @@ def test_cli_export_bad_input(cnn_models, tmp_path: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(tmp_path / "plain"), "--output", out]) == 2
     assert "plain PyTorch checkpoint without recipe.yaml: pass --recipe" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_quantize_then_export_onnx(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``quantize --export-onnx`` writes OUTPUT/model.onnx beside the checkpoint, equal to the reloaded model; a
+    missing onnx extra is reported before any quantization."""
+    import json
+
+    import yaml
+
+    from hf_adaquant.cli import main
+
+    recipe = {"name": "tiny", "model": {"source": "timm", "name": "test_resnet", "pretrained": False,
+                                        "kwargs": {"num_classes": 10}},
+              "calibration": {"source": "synthetic", "shape": [3, 32, 32], "num_samples": 8, "batch_size": 4},
+              "quantization": {"weight_bits": 4, "activation_bits": 8, "pipeline": "light", "progress": False}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["quantize", "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "q"), "--export-onnx"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["onnx"]["output"] == str(tmp_path / "q" / "model.onnx") and summary["onnx"]["opset"] == 21
+    from hf_adaquant import load_quantized
+
+    reloaded = load_quantized(tmp_path / "q")
+    x = torch.randn(3, 3, 32, 32)  # the batch axis is dynamic
+    outputs, codes = run_onnx(tmp_path / "q" / "model.onnx", {"x": x.numpy()}, NONE)
+    ref, ref_codes = torch_codes(reloaded, x)
+    assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes)
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # the extra not installed
+    assert main([*args[:4], str(tmp_path / "q2"), "--export-onnx"]) == 2
+    assert "--export-onnx needs the onnx extra" in capsys.readouterr().err and not (tmp_path / "q2").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- coverage
+def test_timm_vit(tmp_path: Path) -> None:
+    """A small timm ViT (patch embedding conv, attention through scaled_dot_product_attention, GELU MLPs,
+    LayerNorms, class token and position embedding parameters) at W4A8 and W8A8."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    x = torch.randn(3, 3, 32, 32)
+    for weight_bits in (4, 8):
+        qmodel = quantize(model, batches, AdaQuantConfig(weight_bits=weight_bits, activation_bits=8,
+                                                         pipeline="light", progress=False, seed=0))
+        path = export_onnx(qmodel, tmp_path / f"vit{weight_bits}.onnx", batches[0])
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        ref, ref_codes = torch_codes(qmodel, x)
+        for level in (NONE, ALL):
+            outputs, codes = run_onnx(path, {"x": x.numpy()}, level)
+            # at W4A8 one GELU output lies 3e-8 from a rounding tie (x / step = 15.4999997): onnxruntime's Gelu
+            # rounds it the other way, and attention carries that one step to every later code of its sample
+            assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes, flip_budget=0.05,
+                                integer_kernels=weight_bits == 8 and level == ALL)
+
+
+def test_cifar_resnet20_w4a4(tmp_path: Path) -> None:
+    """The CIFAR ResNet-20 of the benchmarks (option-A shortcuts: strided slicing and zero padding) at W4A4."""
+    from hf_adaquant.models import cifar_resnet20
+
+    from conftest import fit_batchnorm_stats, randomize_batchnorms
+
+    torch.manual_seed(0)
+    batches = make_batches(2, 16)
+    model = fit_batchnorm_stats(randomize_batchnorms(cifar_resnet20()), batches)
+    qmodel = quantize(model, batches, AdaQuantConfig(weight_bits=4, activation_bits=4, pipeline="light",
+                                                     progress=False, seed=0))
+    path = export_onnx(qmodel, tmp_path / "r20.onnx", batches[0][:2])
+    x = make_batches(1, 5, seed=3)[0]
+    ref, ref_codes = torch_codes(qmodel, x)
+    for level in (NONE, ALL):
+        outputs, codes = run_onnx(path, {"x": x.numpy()}, level)
+        assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes)

@@ -230,3 +230,45 @@ def test_push_defaults_match_huggingface_hub(checkpoint, tmp_path):
     push_to_hub(save_dir, "someone/r", api=api, create_pr=True, revision="refs/pr/3")
     assert [c[0] for c in api.calls] == ["create_repo", "create_commit"]  # a PR ref is never made a branch
     assert api.calls[1][1]["commit_message"].startswith("Upload AdaQuant")
+
+
+# ------------------------------------------------------------------------------- Hub methods on timm / plain models
+def test_timm_and_plain_models_get_hub_methods(tmp_path):
+    import timm
+
+    from conftest import make_batches, make_tiny_cnn
+
+    torch.manual_seed(0)
+    config = AdaQuantConfig(weight_bits=4, activation_bits=8, pipeline="light", progress=False, seed=0)
+    timm_model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    qtimm = quantize(timm_model, [torch.randn(4, 3, 32, 32)], config)
+    batches = make_batches(2, 8)
+    qplain = quantize(make_tiny_cnn(0, batches), batches, config)
+    x = torch.randn(2, 3, 32, 32)
+    for name, qmodel, skeleton in (("timm", qtimm, None), ("plain", qplain, make_tiny_cnn())):
+        assert not hasattr(timm_model, "push_to_hub")  # the float model is not touched
+        inputs = x if name == "timm" else batches[0]
+        saved = qmodel.save_pretrained(tmp_path / name)
+        assert (saved / "adaquant_model.safetensors").is_file()
+        kwargs = {} if skeleton is None else {"model": skeleton}
+        again = qmodel.from_pretrained(tmp_path / name, **kwargs)
+        with torch.no_grad():
+            assert torch.equal(again(inputs), qmodel(inputs))
+        assert callable(again.push_to_hub)  # a reloaded model has the methods too
+
+        api = LocalHubApi(tmp_path / f"hub-{name}")
+        qmodel.push_to_hub(f"someone/{name}", private=True, revision="dev", commit_description="d", tags=["x"],
+                           token=TOKEN, api=api)
+        assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "create_commit"]
+        assert api.calls[0][1]["private"] is True and api.calls[2][1]["commit_description"] == "d"
+        repo = api.repo_dir(f"someone/{name}", "dev")
+        card = ModelCard.load(repo / "README.md")
+        assert card.data.library_name == "hf-adaquant" and "x" in card.data.tags
+        with torch.no_grad():
+            assert torch.equal(load_quantized(repo, **kwargs)(inputs), qmodel(inputs))
+
+        api2 = LocalHubApi(tmp_path / f"hub2-{name}")
+        qmodel.save_pretrained(tmp_path / f"{name}-2", push_to_hub=True, repo_id=f"someone/{name}-2", api=api2,
+                               commit_message="via save_pretrained")
+        assert api2.calls[-1][1]["commit_message"] == "via save_pretrained"
+        assert (api2.repo_dir(f"someone/{name}-2") / "README.md").is_file()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hf_adaquant.data import (
+    ResizeCenterCropNormalize,
     efficientnet_lite0_transform,
     load_cifar10_npz,
     load_imagenet_tensors,
@@ -103,6 +104,67 @@ def test_imagenet_transform_shape() -> None:
     x = efficientnet_lite0_transform()(image)
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
+
+
+def _reference_transform(image, resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3):
+    """The hand-written resize / center-crop / normalise that ``ResizeCenterCropNormalize`` was before timm's."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
+    image = image.crop((left, top, left + crop, top + crop))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1).div_(255.0)
+    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1)).contiguous()
+
+
+def test_imagenet_transform_is_timms_with_the_same_numbers() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from hf_adaquant.data import ResizeCenterCropNormalize
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(227, 227), (256, 341), (375, 500), (500, 333), (256, 256), (224, 230), (301, 257)]]
+    images.append(Image.fromarray(rng.integers(0, 256, (240, 320), dtype=np.uint8), mode="L"))  # grayscale
+    for split in ("val", "calib"):
+        if (DEMO / split).is_dir():
+            images += [Image.open(DEMO / split / name) for name, _, _ in read_labels_csv(DEMO / split)[:4]]
+    transform = efficientnet_lite0_transform()
+    assert "Resize" in repr(transform._transform) and "CenterCrop" in repr(transform._transform)
+    for image in images:
+        x = transform(image)
+        assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+        torch.testing.assert_close(x, _reference_transform(image), rtol=0, atol=1e-6)
+    # sizes where crop / resize does not round-trip through timm's floor(crop / crop_pct)
+    odd = ResizeCenterCropNormalize(resize=14, crop=9, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    torch.testing.assert_close(odd(images[2]), _reference_transform(images[2], 14, 9, odd.mean, odd.std),
+                               rtol=0, atol=1e-6)
+
+
+def test_load_imagenet_tensors_dataloader_workers_keep_order(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rows = ["filename,label_index,synset"]
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        rows.append(f"im{i}.png,{(5 * i) % 7},n{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    tf = ResizeCenterCropNormalize(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x0, y0 = load_imagenet_tensors(tmp_path, transform=tf, num_workers=0)
+    x2, y2 = load_imagenet_tensors(tmp_path, transform=tf, num_workers=2, batch_size=3)
+    assert x0.shape == (7, 3, 32, 32) and y0.tolist() == [(5 * i) % 7 for i in range(7)]
+    assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    expected = torch.stack([_reference_transform(Image.open(tmp_path / f"im{i}.png"), 36, 32) for i in range(7)])
+    torch.testing.assert_close(x0, expected, rtol=0, atol=1e-6)
+    assert load_imagenet_tensors(tmp_path, limit=3, transform=tf)[0].shape[0] == 3
 
 
 @pytest.mark.skipif(

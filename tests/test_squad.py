@@ -224,6 +224,63 @@ def test_load_squad_examples_splits() -> None:
         load_squad_examples(SQUAD_PATH.parent / "missing.json")
 
 
+def _reference_squad_examples(path, articles) -> list[SquadExample]:
+    """The hand-written json reader ``load_squad_examples`` used before it read through ``datasets``."""
+    import gzip
+    import json
+
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)["data"]
+    wanted = range(len(data)) if articles is None else sorted(set(articles))
+    return [SquadExample(id=qa["id"], article=a, title=data[a].get("title", ""), context=p["context"],
+                         question=qa["question"], answers={"text": [x["text"] for x in qa["answers"]],
+                                                           "answer_start": [x["answer_start"] for x in qa["answers"]]})
+            for a in wanted for p in data[a]["paragraphs"] for qa in p["qas"]]
+
+
+def _tiny_squad(path) -> None:
+    import gzip
+    import json
+
+    qa = lambda i, answers: {"id": f"q{i}", "question": f"Who {i}?",  # noqa: E731
+                             "answers": [{"text": t, "answer_start": s} for t, s in answers]}
+    data = {"version": "1.1", "data": [
+        {"title": "A", "paragraphs": [{"context": "Ann met Bob.", "qas": [qa(0, [("Ann", 0)]),
+                                                                          qa(1, [("Bob", 8), ("Bob.", 8)])]},
+                                      {"context": "Étienne — naïve café", "qas": [qa(2, [("café", 16)])]}]},
+        {"title": "B", "paragraphs": [{"context": "Zed.", "qas": [qa(3, [("Zed", 0)])]}]},
+        {"title": "", "paragraphs": [{"context": "Q", "qas": [qa(4, [])]}]}]}
+    text = json.dumps(data, ensure_ascii=False)
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ["tiny.json", "tiny.json.gz"])
+def test_load_squad_examples_through_datasets_matches_the_json_reader(tmp_path, name) -> None:
+    path = tmp_path / name
+    _tiny_squad(path)
+    for articles in (None, [1], [2, 0], range(0, 3)):
+        assert load_squad_examples(path, articles=articles) == _reference_squad_examples(path, articles)
+    assert [e.id for e in load_squad_examples(path, articles=None)] == ["q0", "q1", "q2", "q3", "q4"]
+    with pytest.raises(ValueError, match="out of range"):
+        load_squad_examples(path, articles=[3])
+
+
+def test_load_squad_examples_rejects_non_squad_json(tmp_path) -> None:
+    for text in ('{"version": "1.1"}', "not json {", "[1, 2]", '{"data": [{"title": "x"}]}'):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match="not SQuAD json"):
+            load_squad_examples(tmp_path / "bad.json")
+
+
+@needs_shared
+def test_load_squad_examples_same_as_json_reader_on_the_dev_set() -> None:
+    assert load_squad_examples(SQUAD_PATH, articles=None) == _reference_squad_examples(SQUAD_PATH, None)
+
+
 @needs_shared
 def test_features_overflow_and_gold_spans_roundtrip(tokenizer, eval_subset) -> None:
     """Windows overlap by ``stride`` tokens; logits peaked on each gold answer's tokens recover it (EM ~100)."""
@@ -273,7 +330,7 @@ def test_calibration_batches(tokenizer) -> None:
 
 
 def test_bert_policy_on_tiny_model() -> None:
-    """Encoder Linears at the setting, QA head W8A8, embeddings float; GELU gets no ReLU in the layer loss."""
+    """Encoder Linears at the setting, QA head W8A8, embeddings 8-bit; GELU gets no ReLU in the layer loss."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)
@@ -287,7 +344,10 @@ def test_bert_policy_on_tiny_model() -> None:
     plan = qmodel.hf_adaquant_report.plan
     assert len(plan) == 2 * 6 + 1 and all(v == [4, 8] for k, v in plan.items() if k != "qa_outputs")
     assert plan["qa_outputs"] == [8, 8]
-    assert isinstance(qmodel.bert.embeddings.word_embeddings, torch.nn.Embedding)
+    from hf_adaquant.nn.qembedding import QEmbedding
+
+    assert isinstance(qmodel.bert.embeddings.word_embeddings, QEmbedding)  # 8 bits per value, a step per row
+    assert qmodel.bert.embeddings.word_embeddings.bits == 8
     inter = qmodel.bert.encoder.layer[0].intermediate.dense
     assert isinstance(inter, QLinear) and inter.output_activation is None
     assert all(m.output_activation is None for m in qmodel.modules() if isinstance(m, QLinear))

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # the bars' type (huggingface_hub's tqdm subclasses it)
 
 from ..config import AdaQuantConfig
 from ..distributed import (DataParallelSync, DistributedContext, DistributedRunError, WorkDir, assign_layers,
@@ -26,6 +26,7 @@ from ..distributed import (DataParallelSync, DistributedContext, DistributedRunE
 from ..distributed.workdir import layer_state, load_layer_state
 from ..prepare import LayerInfo
 from ..utils.batches import Batch, batch_size
+from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
 from . import layerwise
 from .cache import capture_layer_io, capture_layers_io
@@ -219,8 +220,8 @@ def run_layers(
     ctx.new_session()
     store, done = _resume(ctx, work_dir, qmodel, fp_model, layer_names, batches, config)
     todo = [name for name in layer_names if name not in done]
-    bar = tqdm(total=len(layer_names), initial=len(done), desc=f"AdaQuant ({config.variant})",
-               disable=not config.progress or not ctx.is_main)
+    bar = progress_bar(total=len(layer_names), initial=len(done), desc=f"AdaQuant ({config.variant})",
+                       disable=not config.progress or not ctx.is_main)
     moved = _move([fp_model, qmodel], ctx.device if ctx.is_distributed else None)
     try:
         if config.variant == "parallel":

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adaquant.cache import IOCache, capture_layer_io
 from ..adaquant.layerwise import init_input_range, optimize_layer
@@ -41,6 +40,7 @@ from ..nn import quantize_module
 from ..prepare.fold_bn import FoldResult
 from ..tuning.bias import _kl, output_tensors
 from ..utils.batches import Batch, batch_size, call_model, materialize_batches, slice_batch
+from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
 from .budget import build_problem, candidate_options, check_budget, policy_pins
 from .ilp import AllocationProblem, BitOption
@@ -55,7 +55,7 @@ SENSITIVITY_CACHE_VERSION = 1
 _COMMON_FIELDS = ("pipeline", "first_last_bits", "include", "exclude", "pinned_layers", "candidate_weight_bits",
                   "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
                   "weight_range_method", "activation_range_method", "max_calibration_samples", "seed",
-                  "cache_dtype")
+                  "cache_dtype", "embedding_bits")
 _ADVANCED_FIELDS = ("iterations", "batch_size", "max_step_elements", "lr_weight", "lr_bias", "lr_weight_scale",
                     "lr_act_scale", "lr_zero_point", "weight_deviation_limit")
 
@@ -345,7 +345,7 @@ def measure_sensitivity(
     sens = np.full(skeleton.sensitivity.shape, np.nan)
     todo = [(l, name) for l, name in enumerate(names) if name not in pins]
     dtype = torch.float16 if config.cache_dtype == "float16" else torch.float32
-    bar = tqdm(total=len(todo) * len(options), desc=f"sensitivity ({config.pipeline})", disable=not progress)
+    bar = progress_bar(total=len(todo) * len(options), desc=f"sensitivity ({config.pipeline})", disable=not progress)
     try:
         for index, name in todo:
             parent_name, _, child = name.rpartition(".")

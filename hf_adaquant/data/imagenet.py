@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import timm.data
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..models.efficientnet_lite import (
     EFFICIENTNET_LITE0_CROP,
@@ -35,9 +35,21 @@ _logger = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], Tensor]
 
 
+def _crop_pct(crop: int, resize: int) -> float:
+    """The ``crop_pct`` for which timm resizes the short side to exactly ``resize`` (it takes
+    ``floor(crop / crop_pct)``; ``crop / resize`` itself falls one pixel short for some pairs, e.g. 9 / 14)."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    while math.floor(crop / pct) > resize:
+        pct = math.nextafter(pct, math.inf)
+    return pct
+
+
 @dataclass(frozen=True)
 class ResizeCenterCropNormalize:
-    """Resize the short side, center-crop, scale to [0, 1] and normalise (torchvision semantics).
+    """Resize the short side, center-crop, scale to [0, 1] and normalise: ``timm.data.create_transform``'s
+    evaluation transform (torchvision ``Resize`` / ``CenterCrop`` / ``ToTensor`` / ``Normalize``).
 
     Args:
         resize: Target length of the short side.
@@ -53,25 +65,18 @@ class ResizeCenterCropNormalize:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Image.Resampling = Image.Resampling.BICUBIC
+    _transform: Callable[[Image.Image], Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        transform = timm.data.create_transform(
+            input_size=(3, self.crop, self.crop), is_training=False, interpolation=self.interpolation.name.lower(),
+            mean=tuple(self.mean), std=tuple(self.std), crop_pct=_crop_pct(self.crop, self.resize),
+            crop_mode="center")
+        object.__setattr__(self, "_transform", transform)  # frozen dataclass: set once, here
 
     def __call__(self, image: Image.Image) -> Tensor:
         """Return a float32 ``(3, crop, crop)`` tensor."""
-        image = image.convert("RGB")
-        w, h = image.size
-        if w <= h:
-            new_w, new_h = self.resize, int(self.resize * h / w)
-        else:
-            new_w, new_h = int(self.resize * w / h), self.resize
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), self.interpolation)
-        left = int(round((new_w - self.crop) / 2.0))
-        top = int(round((new_h - self.crop) / 2.0))
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-        x = x.div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.sub_(mean).div_(std).contiguous()
+        return self._transform(image.convert("RGB")).contiguous()
 
 
 def efficientnet_lite0_transform() -> ResizeCenterCropNormalize:
@@ -143,17 +148,19 @@ def load_imagenet_tensors(
     limit: int | None = None,
     transform: Transform | None = None,
     num_workers: int = 2,
+    batch_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Decode a labelled image folder into one float tensor.
 
-    Decoding runs on a small thread pool; the order is always file-name order, so the result is
-    deterministic.
+    Decoding runs in ``torch.utils.data.DataLoader`` worker processes; the order is always file-name order, so
+    the result is deterministic.
 
     Args:
         folder: Folder with images and ``labels.csv``.
         limit: Keep only the first ``limit`` images (after sorting by file name).
         transform: PIL image -> tensor; defaults to the EfficientNet-Lite0 preprocessing.
-        num_workers: Decoding threads (1 means a plain loop).
+        num_workers: DataLoader worker processes (0 or 1: decode in this process).
+        batch_size: Images per DataLoader batch.
 
     Returns:
         ``(x, y)``: float32 ``(N, 3, H, W)`` and int64 ``(N,)``.
@@ -164,10 +171,15 @@ def load_imagenet_tensors(
     ds = ImageFolderWithLabels(folder, transform=transform, limit=limit)
     if len(ds) == 0:
         raise ValueError(f"no images listed in {ds.folder / 'labels.csv'}")
-    if num_workers <= 1:
-        images = [ds[i][0] for i in range(len(ds))]
-    else:
-        with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            images = [item[0] for item in pool.map(ds.__getitem__, range(len(ds)))]
-    _logger.debug("decoded %d images from %s", len(images), ds.folder)
-    return torch.stack(images), torch.tensor(ds.labels, dtype=torch.long)
+    # One worker process is slower than decoding here (it only adds the transfer).
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers if num_workers > 1 else 0)
+    x: Tensor | None = None
+    start = 0
+    for xb, _ in loader:
+        if x is None:  # filled in place: no second full-size copy as torch.cat would make
+            x = torch.empty((len(ds), *xb.shape[1:]), dtype=xb.dtype)
+        x[start:start + len(xb)] = xb
+        start += len(xb)
+    assert x is not None and start == len(ds)
+    _logger.debug("decoded %d images from %s", len(ds), ds.folder)
+    return x, torch.tensor(ds.labels, dtype=torch.long)

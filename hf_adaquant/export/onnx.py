@@ -2,8 +2,9 @@
 
 The model is traced by ``torch.onnx.export`` (``dynamo=True``) with each quantized layer's weight and input quantizer
 standing in as ``DequantizeLinear`` / ``QuantizeLinear`` nodes (``torch.onnx.ops.symbolic``); the graph is then
-given the integer initializers (:mod:`.graph`). Everything else (folded BatchNorms, biases, LayerNorm, softmax,
-embeddings) is exported as in the float model.
+given the integer initializers (:mod:`.graph`). Quantized embedding tables are gathered as integer codes, then
+dequantized (:mod:`.embeddings`). Everything else (folded BatchNorms, biases, LayerNorm, softmax, float embeddings)
+is exported as in the float model.
 
 With its graph optimisations off, onnxruntime computes exactly what PyTorch computes, up to float summation order
 (an activation within ~1e-7 of a rounding tie may take the neighbouring code). With them on (its default), layers
@@ -29,6 +30,7 @@ from ..integrations.timm import QConv2dSame
 from ..nn import QConv2d, QLinear, QModuleMixin
 from ..serialization.packed import FROZEN_CLASSES
 from ..utils.files import atomic_path
+from .embeddings import embeddings_export_mode
 from .encodings import (EXPORTER_MIN_OPSET, ActivationEncoding, ExportError, OpsetTooLowError, WeightEncoding,
                         activation_encoding, weight_encoding)
 
@@ -303,8 +305,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
     Each quantized weight is an integer initializer (8-bit types for 5..8 bits, 4-bit types for 3..4 bits, 2-bit
     types for 2 bits from opset 25, else a 4-bit container) dequantized per output channel by ``DequantizeLinear``;
     each input quantizer is a ``QuantizeLinear``/``DequantizeLinear`` pair in an 8-bit container (with a ``Clip``
-    to the grid below 8 bits). onnxruntime then computes what the PyTorch model computes (see the module notes on
-    its integer kernels for 8-bit layers).
+    to the grid below 8 bits). Quantized embedding tables are ``uint8`` codes gathered, then dequantized per row.
+    onnxruntime then computes what the PyTorch model computes (see the module notes on its integer kernels for
+    8-bit layers).
 
     Args:
         qmodel: the quantized model (plain PyTorch, timm or transformers). Left unchanged.
@@ -339,7 +342,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
     traced: set[str] = set()
     with _evaluating(qmodel):
         outputs = _reference_outputs(qmodel, args, kwargs)
-        with _export_mode(layers, weights, inputs, opset, traced):
+        with _export_mode(layers, weights, inputs, opset, traced), embeddings_export_mode(qmodel):
             model = _trace(qmodel, args, kwargs, opset, shapes, _output_names(outputs))
     attach_encodings(model, weights, inputs, traced)
     fold_weight_transposes(model)

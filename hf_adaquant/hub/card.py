@@ -6,6 +6,7 @@ Built from ``huggingface_hub.ModelCardData`` + a Markdown body assembled here, s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -136,6 +137,56 @@ def _load_section(info: CheckpointInfo, repo_id: str) -> list[str]:
              "transformers/timm how to rebuild the quantized layers.", "", "```python"] + code + ["```", ""])
 
 
+ONNX_FILE = "model.onnx"
+"""The ONNX export (``hf-adaquant export``) a pushed folder may hold; the card then says how to run it."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def _onnx_inputs(path: Path) -> list[tuple[str, list[int | str]]]:
+    """``(name, dims)`` of the ONNX file's inputs; empty when ``onnx`` is not installed or cannot read it."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # the optional extra missing, or a file it cannot parse: the snippet stays generic
+        return []
+    weights = {t.name for t in graph.initializer}
+    return [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
+            for i in graph.input if i.name not in weights]
+
+
+def _onnx_section(info: CheckpointInfo, repo_id: str, base_model: str | None) -> list[str]:
+    """How to run the folder's ``model.onnx`` with onnxruntime (nothing when there is none)."""
+    path = info.path / ONNX_FILE
+    if not path.is_file():
+        return []
+    inputs = _onnx_inputs(path)
+    code = ["import numpy as np", "import onnxruntime as ort", "from huggingface_hub import hf_hub_download", "",
+            f'session = ort.InferenceSession(hf_hub_download("{repo_id}", "{ONNX_FILE}"))']
+    if info.library == "transformers":
+        has_tokenizer = any((info.path / name).is_file() for name in _TOKENIZER_FILES)
+        source = repo_id if has_tokenizer else (base_model or "<the float model's tokenizer>")
+        code += ["from transformers import AutoTokenizer", "",
+                 f'tokenizer = AutoTokenizer.from_pretrained("{source}")',
+                 'encoded = tokenizer("What is quantized?", "The weights are.", return_tensors="np")',
+                 "names = {i.name for i in session.get_inputs()}",
+                 "outputs = session.run(None, {k: v for k, v in encoded.items() if k in names})"]
+    else:
+        dims = inputs[0][1][1:] if len(inputs) == 1 else []
+        shape = ", ".join(str(d) for d in dims) if dims and all(isinstance(d, int) and d > 0 for d in dims) \
+            else "3, 224, 224"
+        code += [f"images = np.zeros((1, {shape}), dtype=np.float32)  # preprocessed as for the float model",
+                 "outputs = session.run(None, {session.get_inputs()[0].name: images})"]
+    names = ", ".join(f"`{name}`" for name, _ in inputs)
+    return (["## Run with onnxruntime", "",
+             f"`{ONNX_FILE}` ({_human_bytes(path.stat().st_size)}) holds the integer weight codes as ONNX "
+             "initializers with `DequantizeLinear` per output channel and each activation quantizer as "
+             "`QuantizeLinear`/`DequantizeLinear`: standard ONNX, computing what the PyTorch model computes"
+             f"{f' (inputs {names})' if names else ''}. It needs `onnxruntime` and `huggingface_hub`"
+             f"{' (and `transformers` for the tokenizer)' if info.library == 'transformers' else ''}, not "
+             "hf-adaquant.", "", "```python"] + code + ["```", ""])
+
+
 def _bits_section(info: CheckpointInfo) -> list[str]:
     if not info.layer_bits:
         return []
@@ -189,6 +240,8 @@ def build_model_card(info: CheckpointInfo, repo_id: str, *, eval_results: Mappin
     card_tags = ["hf-adaquant", "adaquant", "quantized", "post-training-quantization", setting.split()[0].lower()]
     if info.library in ("timm", "transformers"):
         card_tags.append(info.library)
+    if (info.path / ONNX_FILE).is_file():
+        card_tags.append("onnx")
     card_tags = list(dict.fromkeys([*card_tags, *(tags or ())]))  # the user's tags after ours, no duplicates
     task = eval_results.get("task")
     data = ModelCardData(
@@ -204,5 +257,6 @@ def build_model_card(info: CheckpointInfo, repo_id: str, *, eval_results: Mappin
              "fake-quantized (dequantized on the fly) in PyTorch.")
     body = [f"# {model_name}", "", intro, ""]
     body += _results_section(eval_results) + _size_section(info, eval_results) + _load_section(info, repo_id)
+    body += _onnx_section(info, repo_id, base_model)
     body += ["## Quantization", ""] + _bits_section(info) + _config_section(info)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))

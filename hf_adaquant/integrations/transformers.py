@@ -35,11 +35,13 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from ..config import AdaQuantConfig
 from ..hub.push import push_model_to_hub
+from ..nn.qembedding import FrozenQEmbedding
 from ..hub.push import push_to_hub as hub_push
 from ..quantize import quantize, register_model_finalizer
 from ..serialization.checkpoint import (CheckpointError, attach_report, check_weights_header,
                                         quantization_config_dict, read_weights, save_quantized, validate_layout,
                                         verify_layer_tensors)
+from ..serialization.embeddings import quantize_embedding_skeleton_
 from ..serialization.layout import (apply_signed, build_qmodule, layer_tensor_specs, replace_folded_batchnorms_,
                                     set_submodule, unpack_layer)
 
@@ -197,6 +199,8 @@ class AdaQuantHfQuantizer(HfQuantizer):
         replace_folded_batchnorms_(model, self.layout["folded_batchnorms"])
         for name, desc in self.layout["layers"].items():
             set_submodule(model, name, PackedQLayer(model.get_submodule(name), desc))
+        # quantized embedding tables load straight into packed modules (buffers named as stored)
+        quantize_embedding_skeleton_(model, self.layout.get("embeddings", {}), "config.json", placeholder=True)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -208,6 +212,8 @@ class AdaQuantHfQuantizer(HfQuantizer):
                         set_submodule(model, name, module.to_qmodule(f"{where}: layer {name!r}"))
                     except ValueError as exc:
                         raise CheckpointError(str(exc)) from exc
+                elif isinstance(module, FrozenQEmbedding):  # as save_quantized's models: the float32 grid table
+                    set_submodule(model, name, module.unfrozen())
             attach_report(model, self.quantization_config.to_dict())
         else:
             from .calibration import text_batches_from_config

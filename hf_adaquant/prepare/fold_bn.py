@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..utils.batches import Batch, call_model
 
@@ -105,14 +106,14 @@ def _activation_of_node(node: fx.Node, modules: dict[str, nn.Module]) -> str | N
 
 @torch.no_grad()
 def _fold_into_conv(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``bn`` into ``conv`` in place (torch's own conv+BN fusion math); returns BN's ``|gamma|, beta``."""
     gamma = bn.weight if bn.affine else torch.ones_like(bn.running_mean)
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
-    new_bias = (bias - bn.running_mean) * factor + beta
+    weight, new_bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            gamma, beta)
+    conv.weight.copy_(weight)  # the same Parameter object: references to it stay valid (and the undo restores it)
     if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_bias.detach(), requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(new_bias)
     return gamma.detach().abs().clone(), beta.detach().clone()

@@ -14,7 +14,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from ..integrations.calibration import load_calibration_dataset, model_input_names, tokenize_texts
+from ..integrations.image_evaluator import evaluate_image_classifier, supports_image_evaluator
+from ..metrics import load_metric
+from ..utils.logging import progress_bar
 from .schema import Recipe, RecipeError
 
 __all__ = ["BuiltModel", "Evaluator", "build_calibration", "build_evaluator", "build_model"]
@@ -28,10 +33,12 @@ _AUTO_CLASSES = {"question-answering": "AutoModelForQuestionAnswering",
 
 @dataclass
 class BuiltModel:
-    """The float model of a recipe, with its tokenizer (transformers text models)."""
+    """The float model of a recipe, with its tokenizer (transformers text models) and image processor
+    (transformers image models with ``preprocessing: transformers``; loaded on first use)."""
 
     model: nn.Module
     tokenizer: Any = None
+    image_processor: Any = None
 
 
 def _build_factory(spec: dict[str, Any]) -> nn.Module:
@@ -61,8 +68,10 @@ def build_model(recipe: Recipe) -> BuiltModel:
         kwargs = dict(spec["kwargs"])
         if spec["checkpoint"] is not None:  # offline weights for a registered architecture
             kwargs["pretrained_cfg_overlay"] = {"file": str(spec["checkpoint"])}
-        model = timm.create_model(spec["name"], pretrained=spec["pretrained"] or spec["checkpoint"] is not None,
-                                  **kwargs)
+        name = spec["name"]
+        if spec["revision"] is not None and not name.startswith("local-dir:"):  # timm: "hf-hub:<id>@<rev>"
+            name = f"{name if name.startswith('hf-hub:') else 'hf-hub:' + name}@{spec['revision']}"
+        model = timm.create_model(name, pretrained=spec["pretrained"] or spec["checkpoint"] is not None, **kwargs)
     elif source == "transformers":
         import transformers
 
@@ -70,9 +79,10 @@ def build_model(recipe: Recipe) -> BuiltModel:
         dtype = getattr(torch, spec["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise RecipeError(f"model.dtype {spec['dtype']!r} is not a torch dtype")
-        model = auto.from_pretrained(spec["id"], dtype=dtype, revision=spec["revision"])
+        hub_kwargs = {"revision": spec["revision"], "trust_remote_code": spec["trust_remote_code"]}
+        model = auto.from_pretrained(spec["id"], dtype=dtype, **hub_kwargs)
         if spec["task"] != "image-classification":
-            tokenizer = transformers.AutoTokenizer.from_pretrained(spec["id"], revision=spec["revision"])
+            tokenizer = transformers.AutoTokenizer.from_pretrained(spec["id"], **hub_kwargs)
     elif source == "cifar_resnet":
         from ..models import load_cifar_resnet
 
@@ -86,21 +96,54 @@ def build_model(recipe: Recipe) -> BuiltModel:
     return BuiltModel(model=model.eval(), tokenizer=tokenizer)
 
 
-def _image_transform(preprocessing: str, model: nn.Module) -> Callable:
+def _preprocessing(spec: dict[str, Any], recipe: Recipe) -> str:
+    """The data section's preprocessing, with ``auto`` resolved by the model's library."""
+    if spec["preprocessing"] != "auto":
+        return spec["preprocessing"]
+    return "transformers" if recipe.model["source"] == "transformers" else "timm"
+
+
+def _image_processor(recipe: Recipe, built: BuiltModel) -> Any:
+    """The transformers model's ``AutoImageProcessor`` (loaded once, from the recipe's model id)."""
+    if built.image_processor is None:
+        if recipe.model["source"] != "transformers":
+            raise RecipeError("preprocessing 'transformers' needs a transformers model (its image processor); "
+                              "pick another preprocessing")
+        import transformers  # heavy optional work, as in build_model
+
+        built.image_processor = transformers.AutoImageProcessor.from_pretrained(
+            recipe.model["id"], revision=recipe.model["revision"], trust_remote_code=recipe.model["trust_remote_code"])
+    return built.image_processor
+
+
+@dataclass(frozen=True)
+class _ProcessorTransform:
+    """PIL image -> ``(C, H, W)`` tensor by a transformers image processor (a class, not a lambda: DataLoader
+    workers started by spawn pickle it)."""
+
+    processor: Any
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.processor(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+def _image_transform(preprocessing: str, recipe: Recipe, built: BuiltModel) -> Callable:
     if preprocessing == "efficientnet_lite0":
         from ..data import efficientnet_lite0_transform
 
         return efficientnet_lite0_transform()
+    if preprocessing == "transformers":
+        return _ProcessorTransform(_image_processor(recipe, built))
     import timm.data
 
-    if getattr(model, "pretrained_cfg", None) is None:
+    if getattr(built.model, "pretrained_cfg", None) is None:
         raise RecipeError("preprocessing 'timm' needs a timm model (its pretrained_cfg gives size/mean/std); "
                           "pick another preprocessing")
-    return timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    return timm.data.create_transform(**timm.data.resolve_model_data_config(built.model), is_training=False)
 
 
-def _image_batches(spec: dict[str, Any], model: nn.Module, limit: int | None, batch_size: int, *,
-                   shuffle_seed: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limit: int | None, batch_size: int, *,
+                   shuffle_seed: int | None = None, num_workers: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
     """``(x, y)`` batches of an image source, at most ``limit`` samples, decoded lazily (ImageNet val is big)."""
     source = spec["source"]
     if source == "cifar10_npz":
@@ -119,24 +162,24 @@ def _image_batches(spec: dict[str, Any], model: nn.Module, limit: int | None, ba
     elif source == "image_folder":
         from ..data import ImageFolderWithLabels
 
-        ds = ImageFolderWithLabels(spec["path"], transform=_image_transform(spec["preprocessing"], model),
-                                   limit=limit)
+        transform = _image_transform(_preprocessing(spec, recipe), recipe, built)
+        ds = ImageFolderWithLabels(spec["path"], transform=transform, limit=limit)
         if len(ds) == 0:
             raise RecipeError(f"{spec['path']} lists no images in labels.csv")
-        for i in range(0, len(ds), batch_size):
-            items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-            yield torch.stack([t for t, _ in items]), torch.tensor([l for _, l in items])
+        # decoded in worker processes, batches in file order
+        yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     else:  # hf_image_dataset
         import datasets
 
         ds = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"], streaming=spec["streaming"])
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed, **({"buffer_size": 10_000} if spec["streaming"] else {}))
-        transform = _image_transform(spec["preprocessing"], model)
+        transform = _image_transform(_preprocessing(spec, recipe), recipe, built)
         rows = iter(ds) if limit is None else itertools.islice(ds, limit)
         while chunk := list(itertools.islice(rows, batch_size)):
+            # calibration needs no labels: an unlabeled image folder gives -1
             yield (torch.stack([transform(r[spec["image_column"]].convert("RGB")) for r in chunk]),
-                   torch.tensor([int(r[spec["label_column"]]) for r in chunk]))
+                   torch.tensor([int(r.get(spec["label_column"], -1)) for r in chunk]))
 
 
 def _squad_examples(spec: dict[str, Any], limit: int | None) -> list:
@@ -154,6 +197,23 @@ def _squad_examples(spec: dict[str, Any], limit: int | None) -> list:
     return examples if limit is None else examples[:limit]
 
 
+def _text_batches(spec: dict[str, Any], built: BuiltModel, seed: int) -> list[dict[str, Tensor]]:
+    """Tokenised calibration batches from a text dataset (Hub name, local json or folder)."""
+    if built.tokenizer is None:
+        raise RecipeError("text calibration data needs a transformers model with a tokenizer")
+    ds = load_calibration_dataset(spec["name"], spec["num_samples"], dataset_config_name=spec["config"],
+                                  dataset_split=spec["split"], seed=seed)
+    accepted = model_input_names(built.model)
+    batches = []
+    for start in range(0, len(ds), spec["batch_size"]):
+        encoded = tokenize_texts(built.tokenizer, ds[start:start + spec["batch_size"]], spec["text_column"],
+                                 spec["max_length"])
+        batches.append({k: v for k, v in encoded.items() if accepted is None or k in accepted})
+    if not batches:
+        raise RecipeError("calibration data is empty")
+    return batches
+
+
 def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
     """The recipe's unlabeled calibration batches (tensors, or dicts of tensors for text models)."""
     spec = recipe.calibration
@@ -166,7 +226,9 @@ def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
         return squad_calibration_batches(_squad_examples(spec, None), built.tokenizer, spec["num_samples"],
                                          spec["batch_size"], max_length=spec["max_length"], stride=spec["stride"],
                                          seed=seed)
-    batches = [x for x, _ in _image_batches(spec, built.model, spec["num_samples"], spec["batch_size"],
+    if spec["source"] == "text":
+        return _text_batches(spec, built, seed)
+    batches = [x for x, _ in _image_batches(spec, recipe, built, spec["num_samples"], spec["batch_size"],
                                             shuffle_seed=seed)]
     if not batches:
         raise RecipeError("calibration data is empty")
@@ -177,8 +239,8 @@ def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
 class Evaluator:
     """Scores models on the recipe's evaluation data in ``evaluate``'s format.
 
-    Image classification gives ``{"accuracy": fraction}`` (as ``evaluate.load("accuracy")``), question answering
-    ``{"exact_match", "f1"}`` in percent (as ``evaluate.load("squad")``).
+    Image classification gives ``{"accuracy": fraction}``, question answering ``{"exact_match", "f1"}`` in percent,
+    both computed by our ``evaluate`` modules (``hf_adaquant.metrics``: ``top1_accuracy``, ``squad``).
     """
 
     recipe: Recipe
@@ -218,19 +280,65 @@ class Evaluator:
             return {name: evaluate_squad_model(m, self.built.tokenizer, examples, batch_size=spec["batch_size"],
                                                max_length=spec["max_length"], stride=spec["stride"])
                     for name, m in models.items()}
-        correct = dict.fromkeys(models, 0)
+        if self._uses_image_evaluator(models):
+            return self._evaluate_with_image_evaluator(models)
+        metrics = {name: load_metric("top1_accuracy") for name in models}
         total = 0
         with torch.no_grad():
-            for x, y in _image_batches(spec, self.built.model, spec["num_samples"], spec["batch_size"]):
+            batches = _image_batches(spec, self.recipe, self.built, spec["num_samples"], spec["batch_size"])
+            for x, y in progress_bar(batches, desc="eval", leave=False):
                 for name, m in models.items():
                     out = m(x)
                     logits = out.logits if hasattr(out, "logits") else out
-                    correct[name] += int((logits.argmax(dim=-1) == y).sum())
+                    metrics[name].add_batch(predictions=logits.argmax(dim=-1), references=y)
                 total += len(y)
         if total == 0:
             raise RecipeError("evaluation data is empty")
         self.num_evaluated = total
-        return {name: {"accuracy": c / total} for name, c in correct.items()}
+        return {name: {"accuracy": metric.compute()["accuracy"]} for name, metric in metrics.items()}
+
+    def _uses_image_evaluator(self, models: dict[str, nn.Module]) -> bool:
+        """``evaluate.evaluator("image-classification")`` where it fits: images (not tensors), the model's own image
+        processor, transformers models with unique label names; our loop otherwise (timm, plain PyTorch)."""
+        spec = self.recipe.evaluation
+        return (spec["source"] in ("image_folder", "hf_image_dataset")
+                and _preprocessing(spec, self.recipe) == "transformers"
+                and all(supports_image_evaluator(m) for m in models.values()))
+
+    def _evaluate_with_image_evaluator(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        spec = self.recipe.evaluation
+        data = _image_dataset(spec, spec["num_samples"])
+        if len(data) == 0:
+            raise RecipeError("evaluation data is empty")
+        processor = _image_processor(self.recipe, self.built)
+        columns = ({"input_column": spec["image_column"], "label_column": spec["label_column"]}
+                   if spec["source"] == "hf_image_dataset" else {})
+        self.num_evaluated = len(data)
+        return {name: {"accuracy": evaluate_image_classifier(m, data, processor, batch_size=spec["batch_size"],
+                                                             **columns)["accuracy"]}
+                for name, m in models.items()}
+
+
+def _image_dataset(spec: dict[str, Any], limit: int | None) -> Any:
+    """The evaluation images as a ``datasets.Dataset`` (what ``evaluate.evaluator`` takes), at most ``limit``."""
+    import datasets
+
+    if spec["source"] == "image_folder":
+        from ..data import ImageFolderWithLabels
+
+        folder = ImageFolderWithLabels(spec["path"], limit=limit)
+        return datasets.Dataset.from_dict(
+            {"image": [str(folder.folder / name) for name in folder.filenames], "label": folder.labels}
+        ).cast_column("image", datasets.Image(mode="RGB"))
+    ds = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"], streaming=spec["streaming"])
+    if not spec["streaming"]:
+        return ds if limit is None else ds.select(range(min(limit, len(ds))))
+    # a stream is written to Arrow files (datasets' cache), not held in memory: ImageNet val is 6 GB
+    return datasets.Dataset.from_generator(_first_rows, gen_kwargs={"rows": ds, "limit": limit}, features=ds.features)
+
+
+def _first_rows(rows: Any, limit: int | None) -> Iterator[dict[str, Any]]:
+    yield from (rows if limit is None else itertools.islice(rows, limit))
 
 
 def build_evaluator(recipe: Recipe, built: BuiltModel) -> Evaluator | None:

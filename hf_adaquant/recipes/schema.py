@@ -33,9 +33,11 @@ PATH = "path"  # field kind: a file or folder, resolved and (optionally) checked
 Field = tuple[Any, Any]  # (type, default or REQUIRED)
 
 MODEL_SOURCES: dict[str, dict[str, Field]] = {
-    "timm": {"name": (str, REQUIRED), "pretrained": (bool, True), "checkpoint": (PATH, None), "kwargs": (dict, {})},
+    "timm": {"name": (str, REQUIRED), "pretrained": (bool, True), "checkpoint": (PATH, None), "kwargs": (dict, {}),
+             "revision": (str, None)},
+    # trust_remote_code runs code from the model's repository: off unless the recipe (or --trust-remote-code) says so
     "transformers": {"id": (str, REQUIRED), "task": (str, REQUIRED), "dtype": (str, "float32"),
-                     "revision": (str, None)},
+                     "revision": (str, None), "trust_remote_code": (bool, False)},
     "cifar_resnet": {"depth": (int, REQUIRED), "checkpoint": (PATH, REQUIRED)},
     "efficientnet_lite0": {},
     "factory": {"callable": (str, REQUIRED), "kwargs": (dict, {})},
@@ -45,17 +47,22 @@ TRANSFORMERS_TASKS = ("question-answering", "image-classification", "sequence-cl
 _COMMON_DATA: dict[str, Field] = {"num_samples": (int, None), "batch_size": (int, 32)}
 DATA_SOURCES: dict[str, dict[str, Field]] = {
     "cifar10_npz": {"path": (PATH, REQUIRED)},
-    "image_folder": {"path": (PATH, REQUIRED), "preprocessing": (str, "timm")},
+    "image_folder": {"path": (PATH, REQUIRED), "preprocessing": (str, "auto")},
     "hf_image_dataset": {"name": (str, REQUIRED), "split": (str, REQUIRED), "config": (str, None),
                          "image_column": (str, "image"), "label_column": (str, "label"),
-                         "preprocessing": (str, "timm"), "streaming": (bool, True)},
+                         "preprocessing": (str, "auto"), "streaming": (bool, True)},
     "squad_json": {"path": (PATH, REQUIRED), "articles": ((str, list), None), "max_length": (int, 384),
                    "stride": (int, 128)},
     "hf_squad": {"name": (str, "rajpurkar/squad"), "split": (str, REQUIRED), "config": (str, None),
                  "max_length": (int, 384), "stride": (int, 128)},
     "synthetic": {"shape": (list, REQUIRED), "num_classes": (int, 10), "seed": (int, 0)},
+    # texts for calibrating transformers text models: a Hub dataset name, a local .json/.jsonl file or a folder
+    "text": {"name": (str, REQUIRED), "split": (str, "train"), "config": (str, None), "text_column": (str, None),
+             "max_length": (int, 128)},
 }
-PREPROCESSING = ("timm", "efficientnet_lite0")
+# Image preprocessing: "timm" (the model's data config), "transformers" (the model's AutoImageProcessor; evaluation
+# then runs through evaluate.evaluator), "auto" (transformers for transformers models, else timm).
+PREPROCESSING = ("auto", "timm", "transformers", "efficientnet_lite0")
 # Evaluation tasks and the data sources that can feed them.
 TASKS: dict[str, tuple[str, ...]] = {
     "image-classification": ("cifar10_npz", "image_folder", "hf_image_dataset", "synthetic"),
@@ -87,7 +94,8 @@ class Recipe:
         spec = self.model
         if spec["source"] == "transformers":
             return None if Path(spec["id"]).is_absolute() else spec["id"]
-        if spec["source"] == "timm" and spec["pretrained"] and spec["checkpoint"] is None:
+        if spec["source"] == "timm" and spec["pretrained"] and spec["checkpoint"] is None \
+                and not spec["name"].startswith("local-dir:"):
             name = spec["name"].removeprefix("hf-hub:").removeprefix("hf_hub:")
             # a bare "arch.tag" name is timm's pretrained tag, published as timm/<arch>.<tag>
             return name if "/" in name else (f"timm/{name}" if "." in name else None)

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 from ..nn import QModuleMixin
+from ..nn.qembedding import quantized_embeddings
 from ..utils.files import TEMP_MARKER, fsync_path, remove_stale_temporaries, replace_directory, temporary_name
-from .layout import (LAYOUT_VERSION, WEIGHTS_NAME, apply_signed, check_layer_tensors, describe_model, pack_layer,
-                     quantize_skeleton_, unpack_layer, validate_layer_description)
+from .embeddings import check_embedding_tensors, pack_embedding, unpack_embedding, validate_embedding_description
+from .layout import (LAYOUT_VERSION, READABLE_LAYOUT_VERSIONS, WEIGHTS_NAME, apply_signed, check_layer_tensors,
+                     describe_model, pack_layer, quantize_skeleton_, unpack_layer, validate_layer_description)
 from .packed import freeze
 
 __all__ = ["CONFIG_NAME", "CheckpointError", "check_weights_header", "layout_digest", "load_quantized", "model_kind",
@@ -98,7 +100,8 @@ def write_weights(tensors: dict[str, torch.Tensor], path: Path, layout: dict[str
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     digest = _digest(tensors)
-    metadata = {"format": "pt", "hf_adaquant_layout": str(LAYOUT_VERSION), _DIGEST_KEY: digest}
+    version = LAYOUT_VERSION if layout is None else layout["version"]
+    metadata = {"format": "pt", "hf_adaquant_layout": str(version), _DIGEST_KEY: digest}
     if layout is not None:
         metadata[_LAYOUT_DIGEST_KEY] = layout_digest(layout)
     save_file(tensors, str(path), metadata=metadata)
@@ -181,13 +184,15 @@ def verify_layer_tensors(tensors: dict[str, torch.Tensor], layout: dict[str, Any
     Raises:
         CheckpointError: naming ``where`` (the file) and the layer.
     """
-    for name, desc in layout["layers"].items():
-        prefix = f"{name}."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            check_layer_tensors(own, desc)
-        except ValueError as exc:
-            raise CheckpointError(f"{where}: layer {name!r}: {exc}") from exc
+    for kind, entries, check in (("layer", layout["layers"], check_layer_tensors),
+                                 ("embedding", layout.get("embeddings", {}), check_embedding_tensors)):
+        for name, desc in entries.items():
+            prefix = f"{name}."
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                check(own, desc)
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {kind} {name!r}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -205,9 +210,9 @@ def validate_layout(qconfig: Any, where: str) -> dict[str, Any]:
     if not isinstance(layout, dict) or "version" not in layout:
         raise CheckpointError(f"{where}: quantization_config has no checkpoint_layout (quantize-on-load config "
                               "without saved weights?)")
-    if layout["version"] != LAYOUT_VERSION:
+    if layout["version"] not in READABLE_LAYOUT_VERSIONS:
         raise CheckpointError(f"{where}: checkpoint layout version {layout['version']!r} is not supported by this "
-                              f"hf_adaquant (reads version {LAYOUT_VERSION}); upgrade hf-adaquant")
+                              f"hf_adaquant (reads versions up to {LAYOUT_VERSION}); upgrade hf-adaquant")
     for key in ("layers", "folded_batchnorms", "weights_file"):
         if key not in layout:
             raise CheckpointError(f"{where}: checkpoint_layout lacks {key!r}")
@@ -218,6 +223,14 @@ def validate_layout(qconfig: Any, where: str) -> dict[str, Any]:
             validate_layer_description(desc)
         except ValueError as exc:
             raise CheckpointError(f"{where}: checkpoint_layout.layers[{name!r}]: {exc}") from exc
+    embeddings = layout.get("embeddings", {})
+    if not isinstance(embeddings, dict):
+        raise CheckpointError(f"{where}: checkpoint_layout.embeddings must be an object")
+    for name, desc in embeddings.items():
+        try:
+            validate_embedding_description(desc)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: checkpoint_layout.embeddings[{name!r}]: {exc}") from exc
     folded = layout["folded_batchnorms"]
     if not isinstance(folded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in folded.items()):
         raise CheckpointError(f"{where}: checkpoint_layout.folded_batchnorms must map BatchNorm names to layer names")
@@ -267,9 +280,11 @@ def quantization_config_dict(qmodel: nn.Module) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------- save
 def model_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to store: float state of the layers left in float, packed form of the quantized ones."""
+    """Every tensor to store: float state of the layers left in float, packed form of the quantized ones (layers
+    and embedding tables)."""
     qlayers = {name: m for name, m in qmodel.named_modules() if isinstance(m, QModuleMixin)}
-    prefixes = tuple(f"{name}." for name in qlayers)
+    tables = quantized_embeddings(qmodel)
+    prefixes = tuple(f"{name}." for name in [*qlayers, *tables])
     tensors: dict[str, torch.Tensor] = {}
     for key, value in qmodel.state_dict().items():
         if not key.startswith(prefixes):
@@ -282,6 +297,8 @@ def model_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(f"layer {name!r}: {exc}") from exc
         for suffix, tensor in packed.items():
             tensors[f"{name}.{suffix}"] = tensor
+    for name, table in tables.items():
+        tensors.update({f"{name}.{suffix}": t for suffix, t in pack_embedding(table).items()})
     return tensors
 
 
@@ -503,6 +520,17 @@ def load_state_into_(model: nn.Module, tensors: dict[str, torch.Tensor], layout:
                                      "input_scale", "input_zero_point", "input_signed"})
         if unknown:
             raise CheckpointError(f"{where}: layer {name!r} has unknown tensors {unknown}")
+    for name, desc in layout.get("embeddings", {}).items():
+        prefix = f"{name}."
+        own = {k[len(prefix):]: stored.pop(k) for k in [k for k in stored if k.startswith(prefix)]}
+        unknown = sorted(set(own) - {"weight_packed", "weight_scale", "weight_zero_point"})
+        if unknown:
+            raise CheckpointError(f"{where}: embedding {name!r} has unknown tensors {unknown}")
+        try:
+            table_state = unpack_embedding(own, desc, f"{where}: embedding {name!r}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        state.update({prefix + k: v for k, v in table_state.items()})
     state.update(stored)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -4,6 +4,8 @@ A quantized layer ``L`` is stored under names a float loader does not know (``L.
 ``L.weight_zero_point``, ``L.weight_signed``, ``L.input_scale``, ``L.input_zero_point``, ``L.input_signed``) plus its
 float ``L.bias``; its float ``L.weight`` is never written. On load the float weight is rebuilt from the codes as
 ``(code - zero_point) * step``, a point of the grid, so fake-quantizing it again gives exactly the stored codes.
+Quantized embedding tables are described under ``embeddings`` (see :mod:`.embeddings`); a layout that has them is
+version 2, so that a library reading only version 1 refuses it with a clear message.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from ..nn import QMODULES, QModuleMixin
 from ..nn.qmodule import OUTPUT_ACTIVATIONS
 from ..prepare.fold_bn import _replacement_for
 from ..quant.functional import qrange
+from .embeddings import describe_embeddings, quantize_embedding_skeleton_
 from .pack import pack_codes, packed_nbytes, unpack_codes
 
-__all__ = ["LAYOUT_VERSION", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
+__all__ = ["LAYOUT_VERSION", "READABLE_LAYOUT_VERSIONS", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
            "pack_layer", "quantize_skeleton_", "set_submodule", "unpack_layer", "validate_layer_description"]
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # written when the model has quantized embeddings; version 1 otherwise (older readers)
+READABLE_LAYOUT_VERSIONS = (1, 2)
 # Not ``model.safetensors``: loaders that do not know the format (transformers or timm without hf_adaquant) then
 # find no weights they recognise and fail instead of building a float model around missing weights.
 WEIGHTS_NAME = "adaquant_model.safetensors"
@@ -59,9 +63,13 @@ def describe_model(qmodel: nn.Module, folded_batchnorms: dict[str, str]) -> dict
     layers = {name: describe_layer(m) for name, m in qmodel.named_modules() if isinstance(m, QModuleMixin)}
     if not layers:
         raise ValueError("the model has no quantized layer: pass the model returned by hf_adaquant.quantize")
-    return {"version": LAYOUT_VERSION, "weights_file": WEIGHTS_NAME,
-            "packing": "unsigned codes (code - qmin), 8-bit slots for 5..8 bits, 4-bit for 3..4, 2-bit for 2",
-            "layers": layers, "folded_batchnorms": dict(folded_batchnorms)}
+    layout = {"version": 1, "weights_file": WEIGHTS_NAME,
+              "packing": "unsigned codes (code - qmin), 8-bit slots for 5..8 bits, 4-bit for 3..4, 2-bit for 2",
+              "layers": layers, "folded_batchnorms": dict(folded_batchnorms)}
+    embeddings = describe_embeddings(qmodel)
+    if embeddings:
+        layout.update(version=LAYOUT_VERSION, embeddings=embeddings)
+    return layout
 
 
 def _check_bits(value: Any, key: str, allow_none: bool) -> None:
@@ -254,4 +262,5 @@ def quantize_skeleton_(model: nn.Module, layout: dict[str, Any], where: str = "c
         except AttributeError as exc:
             raise ValueError(f"{where}: quantized layer {name!r} is not in the model (wrong architecture?)") from exc
         set_submodule(model, name, build_qmodule(float_module, desc, f"{where}: layer {name!r}"))
+    quantize_embedding_skeleton_(model, layout.get("embeddings", {}), where)
     return model

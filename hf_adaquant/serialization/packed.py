@@ -22,6 +22,7 @@ from torch import nn
 
 from ..integrations.timm import QConv2dSame
 from ..nn import QConv2d, QLinear, QModuleMixin
+from ..nn.qembedding import freeze_embedding, quantized_embeddings
 from .layout import pack_layer
 from .pack import unpack_codes
 
@@ -112,7 +113,8 @@ def freeze(qmodel: nn.Module) -> nn.Module:
 
     Each quantized layer's float32 weight is replaced by its packed integer codes, steps and zero-points (buffers,
     moved with ``.to(device)`` and saved in ``state_dict``), dequantized inside ``forward``: outputs are bitwise
-    equal, the weight memory of a W4 model about 1/8. Freezing twice is a no-op. A frozen layer's weight is a fixed
+    equal, the weight memory of a W4 model about 1/8. Quantized embedding tables keep their packed codes too (a
+    ``FrozenQEmbedding`` gathers packed rows, then dequantizes only those). Freezing twice is a no-op. A frozen layer's weight is a fixed
     snapshot: later changes to its quantizer's step or zero-point are not seen.
 
     Raises:
@@ -129,4 +131,6 @@ def freeze(qmodel: nn.Module) -> nn.Module:
     packed = {name: _packed_tensors(layer, name) for name, layer in layers.items() if not is_frozen(layer)}
     for name, tensors in packed.items():
         _swap_in(layers[name], tensors)
+    for table in quantized_embeddings(qmodel).values():
+        freeze_embedding(table)
     return qmodel

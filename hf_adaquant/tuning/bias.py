@@ -8,12 +8,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adaquant.cache import capture_layer_outputs, observe_outputs
 from ..calibrate import qmodules
 from ..config import BIAS_CORRECTION_METHODS
 from ..utils.batches import Batch, batch_size, call_model, slice_batch
+from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
 
 __all__ = ["activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
@@ -73,7 +73,7 @@ def correct_bias(
         return {name: d.abs().mean().item() for name, d in deltas.items()}
     fp_means = _fp_channel_means(fp_model, layer_names, batches, conv)
     shifts: dict[str, float] = {}
-    for name in tqdm(layer_names, desc="bias correction", disable=not progress, leave=False):
+    for name in progress_bar(layer_names, desc="bias correction", disable=not progress, leave=False):
         layer = qmodel.get_submodule(name)
         q_mean = _ChannelMean(conv[name])
         capture_layer_outputs(qmodel, name, batches, q_mean.add)
@@ -121,7 +121,7 @@ def _correct_bias_single_pass(
     handles = [qmodel.get_submodule(name).register_forward_hook(
         lambda mod, args, out, name=name: correct(mod, args, out, name)) for name in layer_names]
     try:
-        for batch in tqdm(batches, desc="bias correction", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="bias correction", disable=not progress, leave=False):
             fp_means.clear()
             observe_outputs(fp_model, layer_names, [batch], record_fp)
             call_model(qmodel, batch)
@@ -209,7 +209,7 @@ def tune_bias(
             b.requires_grad_(True)
         optimizer = torch.optim.Adam(biases, lr=lr)
         order = torch.randperm(len(batches), generator=generator).tolist()
-        for i in tqdm(range(steps), desc="bias tuning", disable=not progress, leave=False):
+        for i in progress_bar(range(steps), desc="bias tuning", disable=not progress, leave=False):
             k = order[i % len(order)]
             optimizer.zero_grad(set_to_none=True)
             n = batch_size(batches[k])

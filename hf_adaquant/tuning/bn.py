@@ -21,12 +21,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adaquant.cache import observe_outputs
 from ..calibrate import qmodules
 from ..nn.qmodule import QModuleMixin
 from ..utils.batches import Batch, call_model
+from ..utils.logging import progress_bar
 
 __all__ = ["tune_batchnorm"]
 
@@ -128,7 +128,7 @@ def tune_batchnorm(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="BN tuning", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="BN tuning", disable=not progress, leave=False):
             if fp_model is not None:
                 observe_outputs(fp_model, names, [batch], lambda n, out: fp_stats[n].add(out))
             call_model(model, batch)

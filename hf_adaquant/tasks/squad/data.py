@@ -1,12 +1,16 @@
-"""SQuAD v1.1 json (optionally gzipped) -> flat list of question examples, filtered by article index."""
+"""SQuAD v1.1 json (optionally gzipped) -> flat list of question examples, filtered by article index.
+
+The file is read by ``datasets``' json loader (``field="data"``: one row per article, cached as Arrow after the
+first read); this module only flattens articles -> paragraphs -> questions.
+"""
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+import datasets
 
 from ...data.paths import shared_dir
 
@@ -42,10 +46,15 @@ def default_squad_path() -> Path:
     return root / "data" / "squad" / "dev-v1.1.json.gz"
 
 
-def _read_json(path: Path) -> dict:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+def _read_articles(path: Path) -> datasets.Dataset:
+    """The ``data`` list of a SQuAD json file as a ``datasets.Dataset`` of articles, in file order."""
+    try:
+        articles = datasets.load_dataset("json", data_files=str(path), field="data", split="train")
+    except datasets.exceptions.DatasetGenerationError as err:  # not json, or no top-level "data" list
+        raise ValueError(f"{path} is not SQuAD json: expected a top-level {{'data': [articles]}}") from err
+    if "paragraphs" not in articles.column_names:
+        raise ValueError(f"{path} is not SQuAD json: its articles have no 'paragraphs'")
+    return articles
 
 
 def load_squad_examples(path: str | Path | None = None, articles: Iterable[int] | None = EVAL_ARTICLES
@@ -63,21 +72,18 @@ def load_squad_examples(path: str | Path | None = None, articles: Iterable[int] 
     path = Path(path) if path is not None else default_squad_path()
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file not found: {path}")
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{path} is not SQuAD json: expected a top-level {{'data': [articles]}}")
-    num = len(data["data"])
+    data = _read_articles(path)
+    num = len(data)
     wanted = list(range(num)) if articles is None else sorted(set(articles))
     bad = [a for a in wanted if not 0 <= a < num]
     if bad:
         raise ValueError(f"article indices {bad} out of range: {path} has {num} articles")
     examples: list[SquadExample] = []
-    for a in wanted:
-        article = data["data"][a]
+    for a, article in zip(wanted, data.select(wanted)):
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 examples.append(SquadExample(
-                    id=qa["id"], article=a, title=article.get("title", ""), context=paragraph["context"],
+                    id=qa["id"], article=a, title=article.get("title") or "", context=paragraph["context"],
                     question=qa["question"],
                     answers={"text": [x["text"] for x in qa["answers"]],
                              "answer_start": [x["answer_start"] for x in qa["answers"]]}))

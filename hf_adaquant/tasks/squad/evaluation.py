@@ -7,11 +7,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ...metrics import load_metric
+from ...utils.logging import progress_bar
 from .data import SquadExample, squad_references
 from .features import SquadFeatures, feature_batches, prepare_features
-from .metric import Squad
 from .postprocess import postprocess_predictions
 
 __all__ = ["evaluate_squad_model", "predict_squad", "squad_logits"]
@@ -19,7 +19,7 @@ __all__ = ["evaluate_squad_model", "predict_squad", "squad_logits"]
 
 @torch.no_grad()
 def squad_logits(model: nn.Module, features: SquadFeatures, *, batch_size: int = 32, pad_token_id: int = 0,
-                 progress: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                 progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits per feature (each trimmed to the feature's length), in feature order.
 
     Features run sorted by length so batches carry little padding; the model's training flag is restored.
@@ -35,7 +35,7 @@ def squad_logits(model: nn.Module, features: SquadFeatures, *, batch_size: int =
     try:
         batches = feature_batches(features, batch_size, indices=order, pad_token_id=pad_token_id)
         total = (len(order) + batch_size - 1) // batch_size
-        for idx, batch in tqdm(batches, total=total, desc="SQuAD eval", disable=not progress, leave=False):
+        for idx, batch in progress_bar(batches, total=total, desc="SQuAD eval", disable=not progress, leave=False):
             out = model(**{k: v.to(device) for k, v in batch.items()})
             s, e = out["start_logits"].float().cpu().numpy(), out["end_logits"].float().cpu().numpy()
             for row, i in enumerate(idx):
@@ -47,7 +47,7 @@ def squad_logits(model: nn.Module, features: SquadFeatures, *, batch_size: int =
 
 def predict_squad(model: nn.Module, tokenizer: Any, examples: Sequence[SquadExample], *, batch_size: int = 32,
                   max_length: int = 384, stride: int = 128, n_best: int = 20, max_answer_length: int = 30,
-                  progress: bool = False) -> list[dict[str, str]]:
+                  progress: bool = True) -> list[dict[str, str]]:
     """Answer text per example, ``[{"id", "prediction_text"}]``."""
     features = prepare_features(examples, tokenizer, max_length=max_length, stride=stride)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -59,15 +59,16 @@ def predict_squad(model: nn.Module, tokenizer: Any, examples: Sequence[SquadExam
 def evaluate_squad_model(model: nn.Module, tokenizer: Any, examples: Sequence[SquadExample], *,
                          batch_size: int = 32, max_length: int = 384, stride: int = 128, n_best: int = 20,
                          max_answer_length: int = 30, metric: Any | None = None,
-                         progress: bool = False) -> dict[str, float]:
+                         progress: bool = True) -> dict[str, float]:
     """``{"exact_match", "f1"}`` (percent) of a QA model on ``examples``.
 
     Args:
         model: returns ``start_logits``/``end_logits`` (e.g. ``BertForQuestionAnswering``, quantized or not).
         tokenizer: the model's fast tokenizer.
         examples: e.g. ``load_squad_examples(articles=range(40, 48))``.
-        metric: anything with evaluate's squad ``compute``; default our offline :class:`Squad`
-            (``load_squad_metric()`` gives ``evaluate.load("squad")`` online).
+        metric: anything with evaluate's squad ``compute``; default our ``evaluate`` module
+            ``hf_adaquant.metrics.load_metric("squad")`` (offline; ``load_squad_metric()`` gives the Hub's online).
+        progress: show a progress bar (Hugging Face's progress-bar switches hide it).
 
     Example:
         >>> evaluate_squad_model(model, tokenizer, load_squad_examples())
@@ -75,5 +76,5 @@ def evaluate_squad_model(model: nn.Module, tokenizer: Any, examples: Sequence[Sq
     """
     predictions = predict_squad(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
                                 stride=stride, n_best=n_best, max_answer_length=max_answer_length, progress=progress)
-    result = (metric or Squad()).compute(predictions=predictions, references=squad_references(examples))
+    result = (metric or load_metric("squad")).compute(predictions=predictions, references=squad_references(examples))
     return {"exact_match": float(result["exact_match"]), "f1": float(result["f1"])}

@@ -21,7 +21,7 @@ import string
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
-__all__ = ["Squad", "exact_match_score", "f1_score", "load_squad_metric", "normalize_answer"]
+__all__ = ["Squad", "exact_match_score", "f1_score", "load_squad_metric", "normalize_answer", "squad_scores"]
 
 _logger = logging.getLogger(__name__)
 
@@ -95,6 +95,17 @@ class Squad:
             predictions, references = self._predictions, self._references
             self._predictions, self._references = [], []
         return _score(list(predictions), list(references))  # type: ignore[arg-type]
+
+
+def squad_scores(predictions: Iterable[Mapping[str, Any]], references: Iterable[Mapping[str, Any]]
+                 ) -> dict[str, float]:
+    """``{"exact_match", "f1"}`` in percent: the scoring behind :class:`Squad` and the ``evaluate`` module
+    ``hf_adaquant/metrics/squad``.
+
+    Raises:
+        ValueError: malformed entries, duplicate ids, a prediction for an unknown id, or no references.
+    """
+    return _score(list(predictions), list(references))
 
 
 def _score(predictions: list[Mapping[str, Any]], references: list[Mapping[str, Any]]) -> dict[str, float]:

@@ -7,11 +7,12 @@ What is quantized, and why:
   all of the encoder's weights and nearly all of its multiply-accumulates.
 * **The QA head** (``qa_outputs``, hidden -> 2 start/end logits) at W8A8 by default: it has 2 x hidden weights
   (0.003% of the model), so 4 bits saves nothing, while its error goes straight into the span scores.
-* **Stays float**: word/position/token-type embeddings (``nn.Embedding``, a table lookup with no MACs; weight
-  compression of the table is a storage matter, not this method's), the attention matmuls QK^T and AV
-  (activation x activation products, not layers with weights), softmax, LayerNorm, GELU and the residual adds.
-  They are not Linear/Conv modules, so the engine leaves them alone by construction; ``include`` also keeps any
-  pooler or other head out of the plan.
+* **Embedding tables** (word/position/token-type ``nn.Embedding``: a lookup with no MACs, but most of a small
+  BERT's bytes) at ``embedding_bits`` per value, one min-max step and zero-point per row (8 by default;
+  ``embedding_bits=None`` keeps them float). ``include`` does not apply to them, ``exclude`` does.
+* **Stays float**: the attention matmuls QK^T and AV (activation x activation products, not layers with
+  weights), softmax, LayerNorm, GELU and the residual adds. They are not Linear/Conv modules, so the engine
+  leaves them alone by construction; ``include`` also keeps any pooler or other head out of the plan.
 * The first encoder layer (layer 0 query) gets **no** 8-bit exception: unlike a CNN's first conv, it reads the
   normalised embedding output, not raw input, and is as robust as the other projections.
 
