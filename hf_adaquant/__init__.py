@@ -2,7 +2,9 @@
 
 from .config import AdaQuantConfig
 from .integrations import timm as _timm_layers  # noqa: F401  (registers quantized timm layers)
-from .quantize import PreparedModel, QuantizationReport, prepare_model, quantize
+from .prepare import PreparedModel, prepare_model
+from .quantize import quantize
+from .report import QuantizationReport
 from .serialization import load_quantized, save_quantized
 from .export import ExportError, export_onnx, freeze
 from .integrations import transformers as _transformers_registration  # noqa: F401,E402  (registers "adaquant")

@@ -35,7 +35,7 @@ POSITIVE_OPTIONAL_FLOAT_FIELDS = ("weight_deviation_limit", "size_budget", "bops
 FLOAT_FIELDS = NON_NEGATIVE_FLOAT_FIELDS + POSITIVE_OPTIONAL_FLOAT_FIELDS
 """Fields holding real numbers: text front ends (recipes, ``--set``) convert ``"1e-3"`` strings for these."""
 _BOOL_FIELDS = ("weight_symmetric", "activation_symmetric", "bn_tuning", "bias_correction", "bias_tuning",
-                "progress")
+                "progress", "staged_propagation")
 _STR_FIELDS = {"dataset_split": False, "dataset_config_name": True, "text_column": True}  # name: None allowed
 
 
@@ -173,6 +173,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
     Resources:
         max_calibration_samples: use at most this many calibration samples. cache_dtype: "float16" or "float32"
         storage of cached activations. max_cache_bytes: cached activations above this spill to disk.
+        staged_propagation: sequential captures run the model stage by stage (O(depth) forward work) when its
+        blocks form a chain; False forces whole-model captures (same inputs, depth-squared work).
         seed: fixes every random choice. progress: tqdm bars.
 
     transformers integration (``AdaQuantConfig`` is a ``QuantizationConfigMixin``, registered as "adaquant"):
@@ -229,6 +231,7 @@ class AdaQuantConfig(QuantizationConfigMixin):
     max_calibration_samples: int | None = None
     cache_dtype: str = "float16"
     max_cache_bytes: int = 4 << 30
+    staged_propagation: bool = True
     seed: int = 0
     progress: bool = True
     version: int = CONFIG_VERSION

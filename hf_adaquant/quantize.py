@@ -6,88 +6,32 @@ model -> fold BN -> find layers -> plan bits -> swap in quantized modules -> cal
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from .adaquant import LayerReport, run_adaquant
+from .allocation.budget import allocate_bits, allocated_config, allocation_record
+from .allocation.ilp import Allocation
+from .allocation.sensitivity import measure_sensitivity
 from .calibrate import calibrate_activation_ranges, init_weight_range
 from .config import AdaQuantConfig
 from .distributed import is_main_process
-from .nn import quantize_module
-from .nn.qembedding import quantize_embeddings_
-from .prepare import LayerInfo, fold_batchnorms, plan_layer_bits, trace_layers
+from .prepare import PreparedModel, prepare_model
 from .prepare.find_layers import check_no_meta_tensors
-from .prepare.fold_bn import FoldResult
+from .report import QuantizationReport
 from .tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 from .utils.batches import Batch, batch_size, materialize_batches, split_batches
 from .utils.seeding import seed_everything
 
-__all__ = ["PreparedModel", "QuantizationReport", "prepare_model", "quantize"]
+# PreparedModel / prepare_model (prepare/) and QuantizationReport (report.py) are re-exported: their home before.
+__all__ = ["PreparedModel", "QuantizationReport", "prepare_model", "quantize", "register_model_finalizer"]
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedModel:
-    """A folded FP reference model and its quantized twin (quantizers not yet calibrated)."""
-
-    fp_model: nn.Module
-    qmodel: nn.Module
-    layers: list[LayerInfo]
-    plan: dict[str, tuple[int, int | None]]
-    fold: FoldResult
-
-
-@dataclass
-class QuantizationReport:
-    """What a :func:`quantize` run did, attached to the returned model as ``hf_adaquant_report``."""
-
-    config: dict
-    plan: dict[str, list]
-    layers: list[dict] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    bias_tuning_kl: tuple[float, float] | None = None
-    bn_tuned_layers: list[str] = field(default_factory=list)
-    allocation: dict | None = None  # Allocation.to_dict() when the bits came from a size/BOPs budget
-    folded_batchnorms: dict[str, str] = field(default_factory=dict)  # BN name -> conv (to rebuild checkpoints)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
-    """Copy ``model`` (never mutated), fold its BatchNorms, wrap the planned layers with quantizers and put the
-    embedding tables on their ``embedding_bits`` grid."""
-    check_no_meta_tensors(model)
-    fp_model = copy.deepcopy(model).eval()
-    fold = fold_batchnorms(fp_model, example_batch)  # each fold verified against the unfolded model on it
-    for p in fp_model.parameters():
-        p.requires_grad_(False)
-    layers = trace_layers(fp_model, example_batch)
-    plan = plan_layer_bits(layers, config.weight_bits, config.activation_bits,
-                           first_last_bits=config.first_last_bits, include=config.include,
-                           exclude=config.exclude, overrides=config.layer_bits)
-    qmodel = copy.deepcopy(fp_model)
-    for name, (wbits, abits) in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
-        qlayer = quantize_module(getattr(parent, child), wbits, abits, weight_symmetric=config.weight_symmetric,
-                                 activation_symmetric=config.activation_symmetric)
-        qlayer.output_activation = fold.output_activations.get(name)
-        qlayer.bn_target = fold.bn_targets.get(name)
-        setattr(parent, child, qlayer)
-    if config.embedding_bits is not None:
-        # before any calibration: every later stage then sees (and compensates) the stored tables' error
-        quantize_embeddings_(qmodel, config.embedding_bits, config.exclude)
-    return PreparedModel(fp_model, qmodel, layers, plan, fold)
 
 
 def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQuantConfig | None = None, *,
@@ -128,8 +72,6 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     batches = materialize_batches(calibration_data, config.max_calibration_samples)
     allocation = None
     if config.has_budget and not config.layer_bits:  # bit allocation: measure, solve, then per-layer bits
-        from .allocation.budget import allocate_for_config, allocation_record
-
         budgeted = config  # the allocated config has layer_bits and no budget; the report keeps the budget
         config, allocation = allocate_for_config(model, batches, config)
         allocation = allocation_record(allocation, budgeted)
@@ -164,7 +106,7 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         lap("bn_tuning")
     if config.pipeline == "light" and config.bias_correction:
         correct_bias(qmodel, fp_model, layer_names, batches, method=config.bias_correction_method,
-                     progress=config.progress)
+                     progress=config.progress, max_cache_bytes=config.max_cache_bytes)
         lap("bias_correction")
     if config.pipeline == "advanced" and config.bias_tuning and config.bias_tuning_steps > 0:
         micro_batches = split_batches(batches, config.bias_tuning_batch_size)
@@ -182,6 +124,20 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     for finalize in list(_MODEL_FINALIZERS.values()):
         finalize(qmodel)
     return qmodel
+
+
+def allocate_for_config(
+    model: nn.Module, batches: Sequence[Any], config: AdaQuantConfig
+) -> tuple[AdaQuantConfig, Allocation]:
+    """What :func:`quantize` does with a budget: measure, solve, return the config with ``layer_bits``.
+
+    The returned config has the allocated ``layer_bits`` and no budget (a config may not hold both: the budget
+    is spent); :func:`~hf_adaquant.allocation.budget.allocation_record` keeps the budget next to the allocation in
+    the run's report. An infeasible budget raises before any sensitivity is measured.
+    """
+    problem = measure_sensitivity(model, batches, config, progress=config.progress)
+    allocation = allocate_bits(problem, config)
+    return allocated_config(config, allocation), allocation
 
 
 # Integrations adapt a returned model to their library (e.g. transformers: save_pretrained writes the quantized

@@ -175,16 +175,23 @@ class AdaQuantQuantizer(OptimumQuantizer):
         return qmodel
 
     def _save_preprocessors(self, save_dir: Path) -> None:
-        """Copy the tokenizer files of a model loaded from a local directory next to the checkpoint."""
+        """Copy the model's tokenizer and image processor next to the checkpoint, so that the saved folder (and a
+        Hub repo pushed from it) is usable on its own, as a transformers checkpoint is."""
         source = getattr(getattr(self.model, "config", None), "name_or_path", None)
-        if self.kind != "transformers" or not source or not Path(source).is_dir():
+        if self.kind != "transformers" or not source:
             return
-        try:
-            from transformers import AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer
 
-            AutoTokenizer.from_pretrained(source).save_pretrained(str(save_dir))
-        except (OSError, ValueError, KeyError):
-            _logger.info("no tokenizer found in %s; none copied", source)
+        # A Hub id: only what is already in the local cache (no download as a side effect of saving).
+        local_only = not Path(source).is_dir()
+        copied = []
+        for kind, auto in (("tokenizer", AutoTokenizer), ("image processor", AutoImageProcessor)):
+            try:
+                auto.from_pretrained(source, local_files_only=local_only).save_pretrained(str(save_dir))
+                copied.append(kind)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # the model has none of this kind
+                _logger.debug("no %s in %s (%s)", kind, source, e)
+        _logger.info("copied %s from %s", " and ".join(copied) or "no preprocessor", source)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload the last saved checkpoint with ``hf_adaquant.hub.push_to_hub(save_dir, repo_id, **kwargs)``.

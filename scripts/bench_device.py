@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import METHODS, _git_commit, parse_setting, save_row  # noqa: E402
+# sibling scripts: `python scripts/bench_device.py` puts scripts/ first on sys.path (no edit of it needed)
+from bench_core import METHODS, _git_commit, parse_setting, save_row
 
-from hf_adaquant import AdaQuantConfig, quantize  # noqa: E402
-from hf_adaquant.data import efficientnet_lite0_transform, load_imagenet_tensors, shared_dir  # noqa: E402
-from hf_adaquant.evaluation import evaluate_classifier  # noqa: E402
-from hf_adaquant.models import load_efficientnet_lite0  # noqa: E402
-from hf_adaquant.size import model_size  # noqa: E402
+from hf_adaquant import AdaQuantConfig, quantize
+from hf_adaquant.data import efficientnet_lite0_transform, load_imagenet_tensors, shared_dir
+from hf_adaquant.evaluation import evaluate_classifier
+from hf_adaquant.models import load_efficientnet_lite0
+from hf_adaquant.size import model_size
 
 
 def _imagenet(split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

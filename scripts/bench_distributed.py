@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import load, parse_setting  # noqa: E402
+# sibling scripts: `python scripts/bench_distributed.py` puts scripts/ first on sys.path (no edit of it needed)
+from bench_core import load, parse_setting
 
-from hf_adaquant import AdaQuantConfig, prepare_model  # noqa: E402
-from hf_adaquant.adaquant import run_adaquant  # noqa: E402
-from hf_adaquant.distributed import get_context  # noqa: E402
+from hf_adaquant import AdaQuantConfig, prepare_model
+from hf_adaquant.adaquant import run_adaquant
+from hf_adaquant.distributed import get_context
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

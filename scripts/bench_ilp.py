@@ -7,6 +7,7 @@ that the budgets hold, and writes ``benchmarks/results/ilp_solver.json`` and ``b
 Usage::
 
     python scripts/bench_ilp.py [--layers 500] [--seeds 0 1 2] [--out-dir benchmarks/results]
+    python scripts/bench_ilp.py --compare-presolve   # the exact reductions on / off -> ilp_presolve.{json,md}
 """
 
 from __future__ import annotations
@@ -26,11 +27,7 @@ import numpy as np
 import scipy
 
 REPO = Path(__file__).resolve().parents[1]
-try:
-    from hf_adaquant.allocation import AllocationProblem, BitOption, solve_allocation
-except ImportError:  # running from a checkout without an installed package
-    sys.path.insert(0, str(REPO))
-    from hf_adaquant.allocation import AllocationProblem, BitOption, solve_allocation
+from hf_adaquant.allocation import AllocationProblem, BitOption, solve_allocation
 
 logger = logging.getLogger("bench_ilp")
 
@@ -112,6 +109,59 @@ def run(num_layers: int, seeds: list[int], generators: list[str]) -> list[dict[s
     return rows
 
 
+def compare_presolve(num_layers: int, seeds: list[int], generators: list[str]) -> list[dict[str, object]]:
+    """Every problem and budget of :func:`run` solved with and without the exact reductions (``presolve``)."""
+    rows: list[dict[str, object]] = []
+    for generator in generators:
+        for seed in seeds:
+            problem = make_problem(num_layers, seed, generator)
+            for bops_budget in BOPS_BUDGETS:
+                for size_budget in SIZE_BUDGETS:
+                    row: dict[str, object] = {"generator": generator, "seed": seed, "size_budget": size_budget,
+                                              "bops_budget": bops_budget}
+                    for presolve in (True, False):
+                        start = time.perf_counter()
+                        alloc = solve_allocation(problem, size_budget=size_budget, bops_budget=bops_budget,
+                                                 presolve=presolve)
+                        key = "with" if presolve else "without"
+                        row[f"{key}_seconds"] = time.perf_counter() - start
+                        row[f"{key}_objective"] = alloc.predicted_criterion
+                        row[f"{key}_optimal"] = alloc.optimal
+                    rows.append(row)
+                    logger.info("%-10s seed=%d size<=%.3f bops<=%s: with %.3f s, without %.3f s, objectives %.9g / "
+                                "%.9g", generator, seed, size_budget, bops_budget, row["with_seconds"],
+                                row["without_seconds"], row["with_objective"], row["without_objective"])
+    return rows
+
+
+def write_presolve_markdown(path: Path, rows: list[dict[str, object]], meta: dict[str, object]) -> None:
+    lines = [
+        "# Bit-allocation MILP: exact reductions (presolve) on / off (`scripts/bench_ilp.py --compare-presolve`)",
+        "",
+        f"scipy {meta['scipy']} (HiGHS, its own presolve on in both), {meta['cpu_count']} CPU cores, "
+        f"{meta['date']}; 1-min load average {meta['load_avg_1min_before']} before, "
+        f"{meta['load_avg_1min_after']} after. L={meta['layers']}, K=16.",
+        "",
+        "| generator | budgets | solves | median s with | median s without | max s with | max s without | "
+        "total s with | total s without | max rel. objective diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for generator in dict.fromkeys(str(r["generator"]) for r in rows):
+        for kind in ("size only", "size + BOPs"):
+            group = [r for r in rows
+                     if r["generator"] == generator and (r["bops_budget"] is None) == (kind == "size only")]
+            if not group:
+                continue
+            w = [float(r["with_seconds"]) for r in group]
+            wo = [float(r["without_seconds"]) for r in group]
+            diff = max(abs(float(r["with_objective"]) - float(r["without_objective"]))
+                       / max(abs(float(r["without_objective"])), 1e-300) for r in group)
+            lines.append(f"| {generator} | {kind} | {len(group)} | {statistics.median(w):.3f} | "
+                         f"{statistics.median(wo):.3f} | {max(w):.3f} | {max(wo):.3f} | {sum(w):.2f} | {sum(wo):.2f} "
+                         f"| {diff:.1e} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def write_markdown(path: Path, rows: list[dict[str, object]], meta: dict[str, object]) -> None:
     times = [float(r["seconds"]) for r in rows]
     lines = [
@@ -166,11 +216,22 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--generators", nargs="+", default=["structured", "random"])
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--compare-presolve", action="store_true",
+                        help="solve every instance with and without the exact reductions; writes ilp_presolve.*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     logging.getLogger("hf_adaquant").setLevel(logging.WARNING)
     load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    if args.compare_presolve:
+        rows = compare_presolve(args.layers, args.seeds, args.generators)
+        meta = {"load_avg_1min_before": load_before, "layers": args.layers, "scipy": scipy.__version__,
+                "load_avg_1min_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                "cpu_count": os.cpu_count(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "ilp_presolve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        write_presolve_markdown(args.out_dir / "ilp_presolve.md", rows, meta)
+        return 0 if all(r["with_optimal"] and r["without_optimal"] for r in rows) else 1
     rows = run(args.layers, args.seeds, args.generators)
     meta = {
         "load_avg_1min_before": load_before,

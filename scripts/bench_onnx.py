@@ -43,19 +43,19 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
-import bench_core  # noqa: E402
-import bench_squad  # noqa: E402
-import ort_worker  # noqa: E402
+# sibling scripts: `python scripts/bench_onnx.py` puts scripts/ first on sys.path (no edit of it needed)
+import bench_core
+import bench_squad
+import ort_worker
 
-from hf_adaquant import AdaQuantConfig, export_onnx, load_quantized, quantize, save_quantized  # noqa: E402
-from hf_adaquant.data import load_cifar10_npz, shared_dir  # noqa: E402
-from hf_adaquant.metrics import load_metric  # noqa: E402
-from hf_adaquant.tasks.squad import (CALIBRATION_ARTICLES, EVAL_ARTICLES, bert_qa_quantization_config,  # noqa: E402
+from hf_adaquant import AdaQuantConfig, export_onnx, load_quantized, quantize, save_quantized
+from hf_adaquant.data import load_cifar10_npz, shared_dir
+from hf_adaquant.metrics import load_metric
+from hf_adaquant.tasks.squad import (CALIBRATION_ARTICLES, EVAL_ARTICLES, bert_qa_quantization_config,
                                      load_squad_examples, predict_squad, squad_calibration_batches,
                                      squad_references)
-from hf_adaquant.utils.batches import slice_batch  # noqa: E402
+from hf_adaquant.utils.batches import slice_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -264,7 +264,7 @@ def run_agreement(args: argparse.Namespace) -> None:
             qmodel, directory, meta = quantize_to(args.work_dir, name, setting, method, model, calib, args.seed,
                                                   tokenizer)
             example = slice_batch(calib[0], 0, 2)
-            path = export_onnx(qmodel, directory / "model.onnx", example)
+            path = export_onnx(qmodel, directory / "model.onnx", example, op_style=args.op_style)
             sess = session(path, args.threads, args.ort_optimization)
             start = time.perf_counter()
             if name == "minilm_squad":
@@ -274,6 +274,7 @@ def run_agreement(args: argparse.Namespace) -> None:
             row.update(model=name, setting=setting, method=method, target=TARGETS[name],
                        calibration_samples=meta["calibration_samples"], quantize_seconds=meta["quantize_seconds"],
                        eval_seconds=time.perf_counter() - start, ort_optimization=args.ort_optimization,
+                       op_style=args.op_style,
                        onnx_bytes=path.stat().st_size, checkpoint=str(directory),
                        embedding_bits=meta["embedding_bits"],
                        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -461,8 +462,9 @@ def render_latency(rows: list[dict]) -> str:
     for r in rows:
         def ms(key: str) -> str:  # a value, or a dash where the row has none (the reference has no PyTorch model)
             return f"{r[key]:.1f}" if r.get(key) is not None else "—"
+        variant = r["variant"] + (f" ({r['op_style']})" if r.get("op_style") else "")
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['quantized_by']} | {r['onnx_bytes'] / 2**20:.1f} | "
+            f"| {r['model']} | {variant} | {r['quantized_by']} | {r['onnx_bytes'] / 2**20:.1f} | "
             f"{r['file_ratio']:.3f} | {ms('ort_b1_ms')} | {ms('ort_b8_ms')} | {r['speedup_b1']:.2f}× | "
             f"{r['speedup_b8']:.2f}× | {r['ort_b1_rss_mib']:.0f} / {r['ort_b8_rss_mib']:.0f} | {ms('torch_b1_ms')} | "
             f"{ms('torch_b8_ms')} | {ms('torch_b8_rss_mib')} | {r['threads']} | "
@@ -480,7 +482,7 @@ def run_latency(args: argparse.Namespace) -> None:
         for setting in args.settings or ["W8A8", "W4A8"]:
             directory, label = latency_checkpoint(args, name, setting, model)
             qmodel = reload(name, directory)
-            path = export_onnx(qmodel, folder / f"{setting}.onnx", example)
+            path = export_onnx(qmodel, folder / f"{setting}_{args.op_style}.onnx", example, op_style=args.op_style)
             variants[setting] = (path, str(directory), label)
         if name in args.reference_models:
             path = ort_int8_reference(variants["FP32"][0], folder / "ort_int8_qdq.onnx", example)
@@ -489,6 +491,7 @@ def run_latency(args: argparse.Namespace) -> None:
         fp32: dict = {}
         for variant, (path, torch_source, label) in variants.items():
             row: dict = {"model": name, "variant": variant, "quantized_by": label, "onnx_bytes": path.stat().st_size,
+                         "op_style": args.op_style if torch_source not in (None, "fp32") else None,
                          "seq_len": args.seq_len if name == "minilm_squad" else None, "runs": args.runs,
                          "warmup": args.warmup}
             for batch in (1, 8):
@@ -525,6 +528,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="quick look: at most this many calibration and evaluation samples (files _limit<N>)")
     parser.add_argument("--ort-optimization", choices=("all", "none"), default="all")
+    parser.add_argument("--op-style", choices=("fused", "qdq"), default="fused",
+                        help="export_onnx's op_style for the quantized files")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "work" / "bench_onnx",
                         help="quantized checkpoints and ONNX files (the latency part reuses the agreement's)")
     parser.add_argument("--reference-models", nargs="*", default=["resnet50"],

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # bench_core, and hf_adaquant from this checkout if not installed
 
-from bench_core import RESULTS, load  # noqa: E402  (model and data loaders shared with the core benchmark)
+# a sibling script: `python scripts/pareto_sweep.py` puts scripts/ first on sys.path (no edit of it needed)
+from bench_core import RESULTS, load
 
-from hf_adaquant import AdaQuantConfig  # noqa: E402
-from hf_adaquant.allocation import pareto_sweep, plot_bits_per_layer, plot_pareto  # noqa: E402
-from hf_adaquant.evaluation import evaluate_classifier  # noqa: E402
+from hf_adaquant import AdaQuantConfig
+from hf_adaquant.allocation import plot_bits_per_layer, plot_pareto
+from hf_adaquant.evaluation import evaluate_classifier
+from hf_adaquant.sweep import pareto_sweep
 
 
 def write_markdown(path: Path, model: str, args: argparse.Namespace, rows: list[dict]) -> None:

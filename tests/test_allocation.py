@@ -21,7 +21,6 @@ from hf_adaquant.allocation import (
     allocate_bits,
     allocation_to_layer_bits,
     measure_sensitivity,
-    pareto_sweep,
     plot_bits_per_layer,
     plot_pareto,
 )
@@ -29,6 +28,7 @@ from hf_adaquant.allocation import sensitivity as sensitivity_module
 from hf_adaquant.calibrate import qmodules
 from hf_adaquant.data import shared_dir
 from hf_adaquant.size import model_size
+from hf_adaquant.sweep import pareto_sweep
 
 LAYERS = ["0", "3", "5", "9"]  # the quantizable layers of tiny_model(), in execution order
 

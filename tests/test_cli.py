@@ -190,7 +190,12 @@ def test_failed_evaluation_keeps_the_quantized_checkpoint(tmp_path, capsys, monk
 def test_internal_error_is_one_line_with_its_own_exit_code(tmp_path, capsys, monkeypatch):
     recipe = _recipe(tmp_path)
     out_dir = tmp_path / "out" / "tiny"
-    monkeypatch.setenv("HF_ADAQUANT_TEST_FAIL_LAYER", "*")  # RuntimeError inside quantize(), on the first layer
+    from hf_adaquant.adaquant import layerwise
+
+    def injected(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(layerwise, "optimize_layer", injected)  # RuntimeError inside quantize(), on the first layer
     rc, stdout, err = _run(capsys, ["quantize", "--recipe", str(recipe), "--output", str(out_dir)])
     assert rc == 1 and stdout == ""
     lines = err.strip().splitlines()

@@ -25,6 +25,7 @@ from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn  
 
 from hf_adaquant import quantize  # noqa: E402
 from hf_adaquant.adaquant import layerwise  # noqa: E402
+from hf_adaquant.adaquant.staged import StagedRunner  # noqa: E402
 from hf_adaquant.distributed import (WorkDir, WorkDirCorruptError, WorkDirMismatchError, assign_layers,  # noqa: E402
                                      run_fingerprint, shard_batches)
 
@@ -39,6 +40,13 @@ def _config(variant: str, **changes: object):
 def _data() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     batches = make_batches(4, 8)
     return make_tiny_cnn(0, batches), batches
+
+
+def _resnet_data() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    from hf_adaquant.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    return CifarResNet((1, 1, 1)).eval(), make_batches(2, 8)
 
 
 def _count_optimised(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -86,6 +94,9 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--variants", nargs="+", default=["parallel"])
     parser.add_argument("--work-dir")
     parser.add_argument("--kill-after-layers", type=int, help="SIGKILL this process after N checkpointed layers")
+    parser.add_argument("--fail-rank", type=int, help="this rank raises in its first layer job")
+    parser.add_argument("--resnet-staged", nargs="*", choices=["on", "off"], default=[],
+                        help="also quantize a CIFAR ResNet (sequential) with staged propagation on / off")
     args = parser.parse_args(argv)
     from hf_adaquant.distributed import get_context
 
@@ -93,20 +104,32 @@ def _worker(argv: list[str]) -> None:
         _kill_after_saving(args.kill_after_layers)
 
     rank = get_context().rank
-    for variant in args.variants:
+    jobs = [("tiny", v, "on") for v in args.variants] + [("resnet", "sequential", s) for s in args.resnet_staged]
+    for model_name, variant, staged in jobs:
         seen: list[str] = []
         real = layerwise.optimize_layer
 
         def spy(layer, cache, config, generator, name="", **kwargs):
+            if args.fail_rank == rank:
+                raise RuntimeError(f"injected failure on layer {name!r}")
             seen.append(name)
             return real(layer, cache, config, generator, name, **kwargs)
 
         layerwise.optimize_layer = spy
-        model, batches = _data()
-        qmodel = quantize(model, batches, _config(variant), work_dir=args.work_dir)
+        staged_captures: list[str] = []
+        real_capture = StagedRunner.capture
+        StagedRunner.capture = lambda self, name: staged_captures.append(name) or real_capture(self, name)
+        model, batches = _data() if model_name == "tiny" else _resnet_data()
+        config = _config(variant, staged_propagation=staged == "on")
+        if model_name == "resnet":  # the AdaQuant phase is what differs: keep the rest of the pipeline short
+            config = config.replace(iterations=3, bn_tuning=False, bias_tuning=False)
+        qmodel = quantize(model, batches, config, work_dir=args.work_dir)
         layerwise.optimize_layer = real
-        torch.save({"state": qmodel.state_dict(), "layers": qmodel.hf_adaquant_report.layers, "optimised": seen},
-                   Path(args.out) / f"{variant}_rank{rank}.pt")
+        StagedRunner.capture = real_capture
+        suffix = "" if model_name == "tiny" else f"_resnet_staged_{staged}"
+        torch.save({"state": qmodel.state_dict(), "layers": qmodel.hf_adaquant_report.layers, "optimised": seen,
+                    "staged_captures": staged_captures},
+                   Path(args.out) / f"{variant}{suffix}_rank{rank}.pt")
 
 
 def _kill_after_saving(num_layers: int) -> None:
@@ -308,12 +331,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(variant: str, tmp_path: 
 # ------------------------------------------------------------------------------------ multi-process
 
 
+def _check_staged_data_parallel(out: Path) -> None:
+    """Sequential variant on a CIFAR ResNet under 2 ranks: staged propagation runs on each rank's shard and gives
+    the model that whole-model captures give with the same shards (both ranks the same)."""
+    got = {(s, r): torch.load(out / f"sequential_resnet_staged_{s}_rank{r}.pt") for s in ("on", "off")
+           for r in range(2)}
+    _assert_same_state(got["on", 0]["state"], got["on", 1]["state"])
+    assert got["on", 0]["optimised"] == got["off", 0]["optimised"] and len(got["on", 0]["optimised"]) == 8
+    assert got["on", 1]["staged_captures"] == got["on", 1]["optimised"] and not got["off", 1]["staged_captures"]
+    on, off = got["on", 0]["state"], got["off", 0]["state"]
+    for k in on:
+        assert torch.allclose(on[k].float(), off[k].float(), atol=1e-6), k
+    flat = {s: [v for pair in _mse(got[s, 0]["layers"]) for v in pair] for s in ("on", "off")}
+    assert flat["on"] == pytest.approx(flat["off"], rel=1e-5, abs=1e-9)
+
+
 def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     """torchrun, 2 CPU ranks: the parallel variant splits the layers and every rank returns bitwise the
     1-process model; the sequential variant runs data-parallel (not bitwise: other mini-batches) and both
     ranks still return the same model, of comparable quality."""
-    result = _torchrun(["--out", str(tmp_path), "--variants", "parallel", "sequential"], timeout=150)
+    result = _torchrun(["--out", str(tmp_path), "--variants", "parallel", "sequential", "--resnet-staged", "on",
+                        "off"], timeout=200)
     assert result.returncode == 0, result.stderr[-4000:]
+    _check_staged_data_parallel(tmp_path)
     model, batches = _data()
     ref = {v: quantize(model, batches, _config(v)) for v in ("parallel", "sequential")}
     par = [torch.load(tmp_path / f"parallel_rank{r}.pt") for r in range(2)]
@@ -335,8 +375,7 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["parallel"])
 def test_failure_on_one_rank_stops_all_ranks_promptly(variant: str, tmp_path: Path) -> None:
     start = time.monotonic()
-    result = _torchrun(["--out", str(tmp_path), "--variants", variant], timeout=120,
-                       HF_ADAQUANT_TEST_FAIL_LAYER="*", HF_ADAQUANT_TEST_FAIL_RANK="1")
+    result = _torchrun(["--out", str(tmp_path), "--variants", variant, "--fail-rank", "1"], timeout=120)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert elapsed < 90, f"took {elapsed:.0f} s: ranks waited for a timeout"

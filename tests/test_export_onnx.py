@@ -124,12 +124,14 @@ def cnn_models() -> dict[str, tuple[nn.Module, list[torch.Tensor]]]:
     return {key: (quantize(copy.deepcopy(model), batches, light(w, a)), batches) for key, (w, a) in SETTINGS.items()}
 
 
+@pytest.mark.parametrize("op_style", ["fused", "qdq"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("level", [NONE, ALL], ids=["no-optim", "all-optim"])
-def test_cnn_runs_in_onnxruntime_with_pytorch_numbers(cnn_models, setting: str, level, tmp_path: Path) -> None:
+def test_cnn_runs_in_onnxruntime_with_pytorch_numbers(cnn_models, setting: str, level, op_style: str,
+                                                      tmp_path: Path) -> None:
     qmodel, batches = cnn_models[setting]
     weight_bits, activation_bits = SETTINGS[setting]
-    path = export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2])
+    path = export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2], op_style=op_style)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     type_name, opset = EXPECTED[weight_bits]
@@ -147,10 +149,79 @@ def test_cnn_runs_in_onnxruntime_with_pytorch_numbers(cnn_models, setting: str, 
     x = torch.cat(make_batches(1, 5, seed=9))  # batch 5: not the exported batch 2
     outputs, codes = run_onnx(path, {"x": x.numpy()}, level)
     ref, ref_codes = torch_codes(qmodel, x)
+    # onnxruntime's integer kernels (all optimisations, 8-bit weights) round biases to the int32 accumulator's step
     integer_kernels = level == ALL and weight_bits == 8
     stats = assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes, integer_kernels)
     if not integer_kernels:  # the same float operations as PyTorch (here no code even flips)
         assert stats["max_abs_diff"] <= 1e-5 * stats["scale"], stats
+
+
+def _optimized_graph(path: Path, tmp_path: Path) -> onnx.GraphProto:
+    """The graph onnxruntime runs (all optimisations), as it writes it out."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx")).graph
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W8A8", "W4A4"])
+def test_fused_style_gives_onnxruntime_int8_weights_it_folds_at_load(cnn_models, setting: str,
+                                                                       tmp_path: Path) -> None:
+    """op_style="fused" (default): a conv whose output is requantized, and the linear head, read int8 codes that
+    Cast/Sub nodes compute from the stored codes (kept in their own type: 4-bit stays 4-bit); other convs read
+    weights dequantized by foldable nodes. onnxruntime folds all of them at load: no weight is dequantized per run,
+    the requantized convs run as QLinearConv, and the numbers are PyTorch's."""
+    if setting == "W4A8":
+        batches = make_batches(2, 16)
+        qmodel = quantize(make_tiny_cnn(0, batches), batches, light(4, 8))
+    else:
+        qmodel, batches = cnn_models[setting]
+    weight_bits, activation_bits = int(setting[1]), int(setting[3])
+    path = export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2])  # the default style
+    graph = onnx.load(str(path)).graph
+    names = {n.name for n in graph.node}
+    inits = {t.name: t for t in graph.initializer}
+    # W4A8: codes - zero-point fit int8 (dw: its ReLU6 clips before the next QuantizeLinear); W8 (per-channel
+    # asymmetric): only the linear head's codes - 128 do; A4: the bias rounding of the integer kernels would be
+    # too coarse, so convolutions stay float
+    int8_convs = ["conv1", "conv2"] if (weight_bits, activation_bits) == (4, 8) else []
+    for layer in (*int8_convs, "fc"):
+        assert f"{layer}.weight_cast_int8" in names, layer
+    for layer in {"conv1", "conv2", "dw", "pw"} - set(int8_convs):  # pw: its output stays float
+        assert f"{layer}.weight_mul_step" in names, layer
+    for layer in ("conv1", "conv2", "dw", "pw", "fc"):
+        codes = inits[f"{layer}.weight_quantized"]
+        assert codes.data_type == (onnx.TensorProto.UINT4 if weight_bits == 4 else onnx.TensorProto.UINT8), layer
+    optimized = _optimized_graph(path, tmp_path)
+    constants = {t.name for t in optimized.initializer}
+    assert len([n for n in optimized.node if n.op_type == "QLinearConv"]) == len(int8_convs)
+    assert all(n.input[3] in constants and n.op_type == "QLinearConv" for n in optimized.node
+               if n.op_type == "QLinearConv")
+    assert not [n for n in optimized.node if n.op_type in ("Cast", "Sub") and n.input[0] in constants]
+    # no conv weight is dequantized at run time (onnxruntime turns the 2-d linear head into a Gemm it leaves as
+    # DequantizeLinear -> Gemm; 3-d MatMuls fuse into MatMulIntegerToFloat)
+    assert [n.name for n in optimized.node if n.op_type == "DequantizeLinear" and n.input[0] in constants] == \
+        ["fc.weight_dequantize"]
+    if weight_bits == 4:  # the file stays small: every weight-sized tensor in it is 4-bit codes
+        big = [t for t in graph.initializer if np.prod(t.dims) >= 64]
+        assert big and all(t.data_type == onnx.TensorProto.UINT4 for t in big), [t.name for t in big]
+    x = torch.cat(make_batches(1, 5, seed=9))
+    ref, ref_codes = torch_codes(qmodel, x)
+    for level in (NONE, ALL):
+        outputs, codes = run_onnx(path, {"x": x.numpy()}, level)
+        stats = assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes,
+                                    integer_kernels=level == ALL and (weight_bits == 8 or bool(int8_convs)))
+        if level == NONE:
+            assert stats["max_abs_diff"] <= 1e-5 * stats["scale"], stats
+
+
+def test_op_style_is_validated(cnn_models, tmp_path: Path) -> None:
+    qmodel, batches = cnn_models["W8A8"]
+    with pytest.raises(ExportError, match=r"op_style must be one of 'fused', 'qdq', got 'qlinear'"):
+        export_onnx(qmodel, tmp_path / "m.onnx", batches[0], op_style="qlinear")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dynamic_batch_and_static_shapes(cnn_models, tmp_path: Path) -> None:

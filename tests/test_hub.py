@@ -264,8 +264,10 @@ def test_timm_and_plain_models_get_hub_methods(tmp_path):
         repo = api.repo_dir(f"someone/{name}", "dev")
         card = ModelCard.load(repo / "README.md")
         assert card.data.library_name == "hf-adaquant" and "x" in card.data.tags
+        plain_load = load_quantized(repo, **kwargs)
         with torch.no_grad():
-            assert torch.equal(load_quantized(repo, **kwargs)(inputs), qmodel(inputs))
+            assert torch.equal(plain_load(inputs), qmodel(inputs))
+        assert callable(plain_load.save_pretrained) and callable(plain_load.push_to_hub)  # load_quantized too
 
         api2 = LocalHubApi(tmp_path / f"hub2-{name}")
         qmodel.save_pretrained(tmp_path / f"{name}-2", push_to_hub=True, repo_id=f"someone/{name}-2", api=api2,

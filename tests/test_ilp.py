@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from hf_adaquant.allocation import ilp
+from hf_adaquant.allocation import solver
 from hf_adaquant.allocation import (
     AllocationProblem,
     BitOption,
@@ -167,11 +167,31 @@ def test_presolve_reductions_keep_the_optimum(seed: int, monkeypatch: pytest.Mon
     )
     kwargs = {"size_budget": 0.1, "bops_budget": 0.015}
     reduced = solve_allocation(problem, **kwargs)
-    monkeypatch.setattr(ilp, "_lagrangian_reduce", lambda cost, allowed, scaled: allowed)
-    monkeypatch.setattr(ilp, "_undominated", lambda criteria, allowed: allowed)
+    monkeypatch.setattr(solver, "reduced_cost_fixing", lambda cost, allowed, scaled: allowed)
+    monkeypatch.setattr(solver, "drop_dominated", lambda criteria, allowed: allowed)
     plain = solve_allocation(problem, **kwargs)
     assert reduced.optimal and plain.optimal
     assert reduced.predicted_criterion == pytest.approx(plain.predicted_criterion, rel=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_presolve_off_gives_the_same_optimum(seed: int) -> None:
+    """``presolve=False`` (what bench_ilp.py --compare-presolve measures) solves the same problem to the same optimum,
+    and the infeasibility messages do not depend on it."""
+    problem = random_problem(40 + seed, num_layers=8, pin=True)
+    (s_lo, s_hi), (b_lo, b_hi) = min_max(problem, "size"), min_max(problem, "bops")
+    size_bits, bops_abs = math.floor((s_lo + s_hi) / 2), (b_lo + b_hi) / 2
+    kwargs = {"size_budget": size_bits, "size_budget_unit": "bits", "bops_budget": bops_abs,
+              "bops_budget_unit": "absolute"}
+    with_presolve = solve_allocation(problem, **kwargs)
+    without = solve_allocation(problem, presolve=False, **kwargs)
+    assert with_presolve.optimal and without.optimal
+    expected = brute_force(problem, size_bits, bops_abs)
+    assert expected is not None
+    assert math.isclose(with_presolve.predicted_criterion, expected, rel_tol=1e-9, abs_tol=1e-12)
+    assert math.isclose(without.predicted_criterion, expected, rel_tol=1e-9, abs_tol=1e-12)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible"):
+        solve_allocation(problem, presolve=False, size_budget=s_lo - 1, size_budget_unit="bits")
 
 
 def test_positive_mip_rel_gap_is_not_reported_optimal() -> None:

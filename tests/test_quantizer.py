@@ -201,3 +201,17 @@ def test_calibration_dataset_seed_and_token_reach_datasets(tmp_path: Path, monke
     assert seen == {"name": "someone/texts", "config": "en", "split": "validation", "token": "hf_x"}
     expected = datasets.Dataset.from_dict({"text": [f"r{i}" for i in range(50)]}).shuffle(seed=2016)["text"][:5]
     assert ds["text"] == expected  # optimum's default seed 2016
+
+
+def test_image_processor_is_copied_next_to_the_checkpoint(tmp_path: Path) -> None:
+    import transformers
+
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "fp")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "fp")
+    quantizer = AdaQuantQuantizer.from_pretrained(tmp_path / "fp")
+    quantizer.quantize(AdaQuantConfig(**LIGHT), [{"pixel_values": torch.randn(4, 3, 32, 32)}], save_dir=tmp_path / "q")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "q")
+    assert processor.size == {"height": 32, "width": 32}
+    assert not (tmp_path / "q" / "tokenizer_config.json").exists()  # the model has no tokenizer

@@ -223,3 +223,61 @@ def test_minilm_recipe_builds_squad_calibration_batches():
     batches = build_calibration(recipe, built)
     assert [b["input_ids"].shape[0] for b in batches] == [4, 2]
     assert all(b["input_ids"].shape[1] <= 192 and set(b) >= {"input_ids", "attention_mask"} for b in batches)
+
+
+def test_recipes_ship_as_package_data():
+    """A wheel has no repository ``recipes/``: recipes are package data found through importlib.resources, by name,
+    and the repository folder is the same files (a link), so both spellings load the same recipe."""
+    import importlib.resources
+
+    from hf_adaquant.recipes.schema import shipped_recipes
+
+    folder = importlib.resources.files("hf_adaquant.recipes").joinpath("shipped")
+    names = shipped_recipes()
+    assert "cifar10-resnet20-w4a4" in names and "bert-base-squad-w4a8" in names
+    assert sorted(p.stem for p in SHIPPED) == names  # the repository's recipes/ is the packaged folder
+    by_name = load_recipe("cifar10-resnet20-w4a4", check_files=False)
+    assert by_name.path == Path(str(folder.joinpath("cifar10-resnet20-w4a4.yaml"))).resolve()
+    by_path = load_recipe(repo_root() / "recipes" / "cifar10-resnet20-w4a4.yaml", check_files=False)
+    assert by_name.raw == by_path.raw and by_name.quantization.to_dict() == by_path.quantization.to_dict()
+    with pytest.raises(RecipeError, match="shipped recipes: .*cifar10-resnet20-w4a4"):
+        load_recipe("no-such-recipe")
+    # pyproject's package-data pattern covers every shipped file (setuptools copies only what it matches)
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((repo_root() / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["hf_adaquant"]
+    for name in names:
+        assert any(fnmatch.fnmatch(f"recipes/shipped/{name}.yaml", p) for p in patterns), name
+
+
+def test_bert_recipes_use_the_one_bert_policy():
+    """The BERT QA policy is written once (hf_adaquant/policies.py): the SQuAD benchmark's function and the shipped
+    BERT/MiniLM recipes (``policy: bert-qa``) give the same config, first encoder layer included."""
+    from hf_adaquant.policies import POLICIES, bert_qa_quantization_config
+    from hf_adaquant.tasks.squad import bert_qa_quantization_config as benchmark_policy
+
+    assert benchmark_policy is bert_qa_quantization_config is POLICIES["bert-qa"]
+    qa = [p for p in SHIPPED if yaml.safe_load(p.read_text())["model"].get("task") == "question-answering"]
+    assert len(qa) == 4
+    for path in qa:
+        fields = dict(yaml.safe_load(path.read_text())["quantization"])
+        assert fields.pop("policy") == "bert-qa", path.name
+        config = load_recipe(path, check_files=False).quantization
+        assert config.to_dict() == bert_qa_quantization_config(**fields).to_dict(), path.name
+        assert config.first_last_bits is None  # no 8-bit exception for the first encoder layer
+        assert {k: tuple(v) for k, v in config.layer_bits.items()} == {"qa_outputs": (8, 8)}
+        assert list(config.include) == ["*encoder.layer.*", "qa_outputs"]
+
+
+def test_unknown_policy_is_refused(tmp_path):
+    raw = {"model": {"source": "efficientnet_lite0"}, "calibration": {"source": "synthetic", "shape": [3, 8, 8],
+                                                                       "num_samples": 4},
+           "quantization": {"policy": "gpt-qa", "weight_bits": 4}}
+    with pytest.raises(RecipeError, match=r"quantization.policy must be one of \['bert-qa'\], got 'gpt-qa'"):
+        parse_recipe(raw, check_files=False)
+    raw["quantization"]["policy"] = "bert-qa"
+    raw["quantization"]["head_bits"] = [8, 4]  # a policy argument, not a config field
+    config = parse_recipe(raw, check_files=False).quantization
+    assert {k: tuple(v) for k, v in config.layer_bits.items()} == {"qa_outputs": (8, 4)}

@@ -1,6 +1,7 @@
 """AdaQuant: layer-wise optimisation of weights, biases and quantization steps."""
 
 from .cache import IOCache, capture_layer_io
-from .layerwise import LayerReport, optimize_layer, run_adaquant
+from .layerwise import LayerReport, optimize_layer
+from .runner import run_adaquant
 
 __all__ = ["IOCache", "LayerReport", "capture_layer_io", "optimize_layer", "run_adaquant"]

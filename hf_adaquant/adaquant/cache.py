@@ -14,18 +14,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..utils.batches import Batch, call_model
+from .spill import CacheBudget, SpillDir, save_chunk
 
 __all__ = ["IOCache", "NonFiniteActivationError", "capture_layer_io", "capture_layer_outputs", "capture_layers_io",
-           "observe_outputs"]
+           "capture_with", "model_calls", "observe_outputs"]
 
 _logger = logging.getLogger(__name__)
 
@@ -43,16 +45,21 @@ class _Store:
     """Chunks of one tensor stream; each chunk in memory or memory-mapped from disk.
 
     ``what`` names the stream in messages (e.g. "inputs of layer 'conv1'"). ``on_widen`` is called when the stream
-    switches from its low-precision ``dtype`` to float32 because a value does not fit it.
+    switches from its low-precision ``dtype`` to float32 because a value does not fit it. With a shared ``budget``
+    and ``spill`` directory (the runners'), memory is counted against the run's budget and chunks past it go to
+    the run's one spill directory; alone, the store keeps ``max_bytes`` in memory and makes its own directory.
     """
 
     dtype: torch.dtype
     max_bytes: int
     what: str = "activations"
     on_widen: Callable[[float], None] | None = None
-    spill_dir: str | None = None
+    spill_dir: str | None = None  # own directory (no shared ``spill``)
     chunks: list[torch.Tensor | np.ndarray] = field(default_factory=list)
     bytes_in_memory: int = 0
+    budget: CacheBudget | None = None
+    spill: SpillDir | None = None
+    files: list[str] = field(default_factory=list)
 
     def _check(self, t: torch.Tensor) -> None:
         """Refuse NaN/inf; widen the stream to float32 when ``t`` would overflow its dtype."""
@@ -68,18 +75,27 @@ class _Store:
             if self.on_widen is not None:
                 self.on_widen(peak)
 
+    def _fits(self, nbytes: int) -> bool:
+        if self.budget is not None:
+            return self.budget.reserve(nbytes)
+        return self.bytes_in_memory + nbytes <= self.max_bytes
+
     def append(self, t: torch.Tensor) -> None:
         self._check(t)
         t = t.detach().to("cpu", self.dtype).contiguous()
         nbytes = t.numel() * t.element_size()
-        if self.bytes_in_memory + nbytes <= self.max_bytes:
+        if self._fits(nbytes):
             self.chunks.append(t)
             self.bytes_in_memory += nbytes
             return
-        if self.spill_dir is None:
-            self.spill_dir = tempfile.mkdtemp(prefix="hf_adaquant_cache_")
-        path = os.path.join(self.spill_dir, f"chunk{len(self.chunks)}.npy")
-        np.save(path, t.numpy())
+        if self.spill is not None:
+            path = self.spill.new_path()
+        else:
+            if self.spill_dir is None:
+                self.spill_dir = tempfile.mkdtemp(prefix="hf_adaquant_cache_")
+            path = os.path.join(self.spill_dir, f"chunk{len(self.chunks)}.npy")
+        save_chunk(path, t, self.what, self.spill)
+        self.files.append(path)
         self.chunks.append(np.load(path, mmap_mode="r"))
 
     @staticmethod
@@ -90,22 +106,30 @@ class _Store:
 
     def cleanup(self) -> None:
         self.chunks = []
+        if self.budget is not None:
+            self.budget.release(self.bytes_in_memory)
+        self.bytes_in_memory = 0
+        for path in self.files:
+            if os.path.exists(path):
+                os.remove(path)
+        self.files = []
         if self.spill_dir is not None:
-            for f in os.listdir(self.spill_dir):
-                os.remove(os.path.join(self.spill_dir, f))
-            os.rmdir(self.spill_dir)
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
             self.spill_dir = None
 
 
 class IOCache:
     """Paired layer inputs ``x`` and FP targets ``y``, sampled together in mini-batches."""
 
-    def __init__(self, dtype: torch.dtype = torch.float16, max_bytes: int = 4 << 30, name: str = "") -> None:
+    def __init__(self, dtype: torch.dtype = torch.float16, max_bytes: int = 4 << 30, name: str = "", *,
+                 budget: CacheBudget | None = None, spill: SpillDir | None = None) -> None:
         self.name = name
         self.requested_dtype = dtype
         self._widened = False
-        self.x = _Store(dtype, max_bytes // 2, f"inputs of layer {name!r}", self._note_widened)
-        self.y = _Store(dtype, max_bytes // 2, f"outputs of layer {name!r}", self._note_widened)
+        self.x = _Store(dtype, max_bytes // 2, f"inputs of layer {name!r}", self._note_widened, budget=budget,
+                        spill=spill)
+        self.y = _Store(dtype, max_bytes // 2, f"outputs of layer {name!r}", self._note_widened, budget=budget,
+                        spill=spill)
 
     def _note_widened(self, peak: float) -> None:
         if not self._widened:  # once per layer, whichever stream overflowed first
@@ -177,11 +201,15 @@ class IOCache:
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, on_output) -> None:
-    module = model.get_submodule(layer)
+def capture_with(module: nn.Module, layer: str, calls: Sequence[Callable[[], Any]], on_input, on_output) -> None:
+    """Hook ``module`` (the layer named ``layer``) and run each of ``calls``; each run stops right at the layer.
+
+    ``on_input(x)`` gets the layer's first input (without ``on_output`` the run stops *before* the layer: its
+    quantizers may not be initialised yet), ``on_output(y)`` its output. A call is the whole model on one batch
+    or one stage of it (:mod:`hf_adaquant.adaquant.staged`); call ``i`` is named as calibration batch ``i``.
+    """
 
     def pre_hook(mod: nn.Module, args: tuple) -> None:
-        # Input only: stop before the layer runs (its quantizers may not be initialised yet).
         on_input(args[0])
         raise _StopForward
 
@@ -192,12 +220,10 @@ def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, o
         raise _StopForward
 
     handle = module.register_forward_hook(hook) if on_output is not None else module.register_forward_pre_hook(pre_hook)
-    was_training = model.training
-    model.eval()
     try:
-        for index, batch in enumerate(batches):
-            try:  # a model error names the batch; the hooks' own exceptions pass
-                call_model(model, batch, index, passthrough=(_StopForward, NonFiniteActivationError))
+        for index, call in enumerate(calls):
+            try:
+                call()
             except _StopForward:
                 continue
             except NonFiniteActivationError as e:
@@ -205,6 +231,21 @@ def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, o
             raise RuntimeError(f"layer {layer!r} did not run during the forward pass")
     finally:
         handle.remove()
+
+
+def model_calls(model: nn.Module, batches: Sequence[Batch]) -> list[Callable[[], Any]]:
+    """One call of ``model`` per batch; a model error names the batch, the capture hooks' own exceptions pass."""
+    passthrough = (_StopForward, NonFiniteActivationError)
+    return [lambda b=b, i=i: call_model(model, b, i, passthrough=passthrough) for i, b in enumerate(batches)]
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layer: str, batches: Sequence[Batch], on_input, on_output) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        capture_with(model.get_submodule(layer), layer, model_calls(model, batches), on_input, on_output)
+    finally:
         model.train(was_training)
 
 
@@ -235,13 +276,15 @@ def capture_layer_io(
     *,
     dtype: torch.dtype = torch.float16,
     max_bytes: int = 4 << 30,
+    budget: CacheBudget | None = None,
+    spill: SpillDir | None = None,
 ) -> IOCache:
     """Cache the input of ``layer`` in ``input_model`` and its output in ``target_model`` (the FP model).
 
     With ``input_model is target_model`` both come from one pass (the parallel variant); otherwise the input is
     taken from the quantized model (sequential variant) for every calibration sample.
     """
-    cache = IOCache(dtype, max_bytes, name=layer)
+    cache = IOCache(dtype, max_bytes, name=layer, budget=budget, spill=spill)
     try:
         if input_model is target_model:
             _capture(target_model, layer, batches, cache.x.append, cache.y.append)
@@ -262,13 +305,16 @@ def capture_layers_io(
     *,
     dtype: torch.dtype = torch.float16,
     max_bytes: int = 4 << 30,
+    budget: CacheBudget | None = None,
+    spill: SpillDir | None = None,
 ) -> dict[str, IOCache]:
     """Inputs and outputs of several layers of one model in a single pass per batch (parallel variant).
 
     The pass stops once the last of ``layers`` has run. Callers size the group so that all caches fit
     ``max_bytes`` together; each cache gets an equal share of it before spilling to disk.
     """
-    caches = {name: IOCache(dtype, max_bytes // max(len(layers), 1), name=name) for name in layers}
+    caches = {name: IOCache(dtype, max_bytes // max(len(layers), 1), name=name, budget=budget, spill=spill)
+              for name in layers}
     remaining: set[str] = set()
 
     def make_hook(name: str):

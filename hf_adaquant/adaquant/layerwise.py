@@ -6,6 +6,7 @@ already-quantized prefix for every calibration sample, targets stay FP.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -16,20 +17,19 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..calibrate import init_weight_range
 from ..config import AdaQuantConfig
 from ..nn import QModuleMixin
 from ..quant import RangeObserver
-from ..utils.batches import Batch
+from ..utils.profiling import RunProfile, current_profile, layer_flops
 from .cache import IOCache
 from .rounding import LearnedRounding, annealed_beta
 
 if TYPE_CHECKING:
     from ..distributed import DataParallelSync
 
-__all__ = ["LayerReport", "layer_seed_salt", "optimize_layer", "run_adaquant"]
+__all__ = ["LayerReport", "layer_seed_salt", "optimize_layer"]  # run_adaquant: runner.py (no import cycle)
 
 _logger = logging.getLogger(__name__)
 # weight_rounding="auto": free W' (the paper's) down to 4 bits, learned rounding at 2-3 bits where free W'
@@ -65,27 +65,59 @@ def _layer_loss(layer: QModuleMixin, x: torch.Tensor, y: torch.Tensor) -> torch.
     return F.mse_loss(layer.apply_output_activation(out), layer.apply_output_activation(y))
 
 
+def _no_phase(name: str, flops: float = 0.0, kind: str = "gemm") -> contextlib.nullcontext:
+    return _NULL
+
+
+_NULL = contextlib.nullcontext()
+
+
+def _count_flops(profile: RunProfile | None, phase: str, layer: QModuleMixin, x: torch.Tensor, *,
+                 backward: bool) -> None:
+    """Count one forward (and backward) pass of ``layer`` on ``x`` into ``phase`` of ``profile``."""
+    if profile is None:
+        return
+    # Autograd computes the input gradient only when the (quantized) input carries one: the input step's.
+    iq = layer.input_quantizer
+    grad_input = backward and iq is not None and any(p.requires_grad for p in iq.parameters())
+    kind, flops = layer_flops(layer, x.shape, grad_input=grad_input, grad_weight=backward)
+    profile.add_flops(phase, flops, kind)
+
+
 @torch.no_grad()
-def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int, sync: DataParallelSync | None = None) -> float:
-    total, count = 0.0, 0
+def _evaluate(layer: QModuleMixin, cache: IOCache, batch_size: int, sync: DataParallelSync | None = None,
+              profile: RunProfile | None = None) -> float:
+    section = _no_phase if profile is None else profile.phase
+    with section("evaluation"):
+        return _evaluate_loss(layer, cache, batch_size, sync, profile)
+
+
+def _evaluate_loss(layer: QModuleMixin, cache: IOCache, batch_size: int, sync: DataParallelSync | None,
+                   profile: RunProfile | None) -> float:
     device = layer.weight.device
     per_sample = cache.output_size_per_sample()
     limit = max(1, min(_EVAL_SAMPLES, _EVAL_ELEMENTS // per_sample))
-    if sync is None:
-        for x, y in cache.iterate(batch_size, limit=limit):
-            x, y = x.to(device), y.to(device)
-            total += _layer_loss(layer, x, y).item() * len(x)
-            count += len(x)
-        return total / max(count, 1)
+    # Losses stay on the device until the end: one host sync per evaluation instead of one per batch (GPU),
+    # summed on the host in the same order and precision as before (the kept checkpoint must not change).
+    losses: list[torch.Tensor] = []
+    sizes: list[int] = []
     error = None
-    try:  # each rank evaluates its share; the error flag travels with the sums
-        for x, y in cache.iterate(batch_size, limit=sync.local_count(limit)):
+    try:  # with ``sync`` each rank evaluates its share; the error flag travels with the sums
+        for x, y in cache.iterate(batch_size, limit=limit if sync is None else sync.local_count(limit)):
             x, y = x.to(device), y.to(device)
-            total += _layer_loss(layer, x, y).item() * len(x)
-            count += len(x)
+            losses.append(_layer_loss(layer, x, y))
+            sizes.append(len(x))
+            _count_flops(profile, "evaluation", layer, x, backward=False)
+        total = 0.0
+        for loss, n in zip(torch.stack(losses).tolist() if losses else [], sizes):
+            total += loss * n
     except Exception as e:
-        error = e
-    total, count = sync.sum([total, count], error, "evaluating the layer")
+        if sync is None:
+            raise
+        error, total, sizes = e, 0.0, []
+    count = sum(sizes)
+    if sync is not None:
+        total, count = sync.sum([total, count], error, "evaluating the layer")
     return total / max(count, 1)
 
 
@@ -181,6 +213,7 @@ def optimize_layer(
     *,
     sync: DataParallelSync | None = None,
     on_step: Callable[[], None] | None = None,
+    profile: RunProfile | None = None,
 ) -> LayerReport:
     """Initialise ``layer``'s ranges from ``cache``, then run AdaQuant on it in place.
 
@@ -193,11 +226,16 @@ def optimize_layer(
             shard of the samples; range statistics, evaluations and gradients are combined over ranks, and every
             rank must call this for the same layer.
         on_step: called before every step (the distributed runner stops there when another rank failed).
+        profile: where the time and FLOPs of range initialisation, evaluations and optimisation steps go; the
+            current profile (:func:`~hf_adaquant.utils.profiling.profiling`) when None, nothing when neither.
     """
     start = time.perf_counter()
-    init_weight_range(layer, config.weight_range_method, name)
-    init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync, name=name)
-    mse_before = _evaluate(layer, cache, config.batch_size, sync)
+    profile = profile if profile is not None else current_profile()
+    section = _no_phase if profile is None else profile.phase
+    with section("range_init"):
+        init_weight_range(layer, config.weight_range_method, name)
+        init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync, name=name)
+    mse_before = _evaluate(layer, cache, config.batch_size, sync, profile)
     best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()
     rounding = None
@@ -225,31 +263,34 @@ def optimize_layer(
         for step in range(1, config.iterations + 1):
             if on_step is not None:
                 on_step()
-            layer.train()
-            x, y = cache.sample(step_batch, generator)
-            x, y = x.to(layer.weight.device), y.to(layer.weight.device)
-            loss = _layer_loss(layer, x, y)
-            beta = None if rounding is None else annealed_beta(step, config.iterations)
-            if beta is not None:
-                # Relative MSE keeps the regulariser weight meaningful across layers of any output scale.
-                loss = loss / _loss_scale(mse_before) + config.rounding_regularization * rounding.regularizer(beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if sync is not None:
-                sync.average_gradients(params, len(x), f"optimising layer {name!r}")
-            if per_channel is not None:
-                per_channel.before_step()
-            optimizer.step()
-            if per_channel is not None:
-                per_channel.after_step()
-            schedule.step()
-            if config.weight_deviation_limit is not None:
-                _limit_weight_deviation(layer, original_weight, config.weight_deviation_limit)
+            with section("optimisation"):
+                layer.train()
+                with section("optimisation/sample"):
+                    x, y = cache.sample(step_batch, generator)
+                    x, y = x.to(layer.weight.device), y.to(layer.weight.device)
+                loss = _layer_loss(layer, x, y)
+                beta = None if rounding is None else annealed_beta(step, config.iterations)
+                if beta is not None:
+                    # Relative MSE keeps the regulariser weight meaningful across layers of any output scale.
+                    loss = loss / _loss_scale(mse_before) + config.rounding_regularization * rounding.regularizer(beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if sync is not None:
+                    sync.average_gradients(params, len(x), f"optimising layer {name!r}")
+                if per_channel is not None:
+                    per_channel.before_step()
+                optimizer.step()
+                if per_channel is not None:
+                    per_channel.after_step()
+                schedule.step()
+                if config.weight_deviation_limit is not None:
+                    _limit_weight_deviation(layer, original_weight, config.weight_deviation_limit)
+                _count_flops(profile, "optimisation", layer, x, backward=True)
             if step % checkpoint_every == 0 or step == config.iterations:
                 layer.eval()
                 if rounding is not None:
                     rounding.hard = True  # candidates are judged as they will be used: hard-rounded
-                mse = _evaluate(layer, cache, config.batch_size, sync)
+                mse = _evaluate(layer, cache, config.batch_size, sync, profile)
                 if _improves(mse, best_mse):
                     if rounding is not None:
                         with torch.no_grad():
@@ -302,27 +343,3 @@ def _parallel_groups(layer_names: Sequence[str], layer_bytes: dict[str, int] | N
         used += size
     return groups
 
-
-def run_adaquant(
-    qmodel: nn.Module,
-    fp_model: nn.Module,
-    layer_names: Sequence[str],
-    batches: Sequence[Batch],
-    config: AdaQuantConfig,
-    layer_bytes: dict[str, int] | None = None,
-    *,
-    layer_info: dict | None = None,
-    work_dir: str | None = None,
-    context=None,
-) -> list[LayerReport]:
-    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
-
-    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass;
-    ``layer_info`` (:class:`~hf_adaquant.prepare.LayerInfo` by name) balances layers over ranks by cost.
-    Under ``torchrun`` / ``accelerate launch`` the work is split over the ranks; with ``work_dir`` finished
-    layers are checkpointed and a re-run resumes (see :mod:`hf_adaquant.adaquant.runner`).
-    """
-    from .runner import run_layers  # the runner calls back into this module's optimize_layer
-
-    return run_layers(qmodel, fp_model, layer_names, batches, config, layer_bytes, layer_info=layer_info,
-                      work_dir=work_dir, context=context)

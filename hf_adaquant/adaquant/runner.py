@@ -8,6 +8,11 @@
 
 With a work dir, every finished layer is checkpointed atomically and a re-run skips it
 (:mod:`hf_adaquant.distributed.workdir`).
+
+Sequential captures use staged propagation (:mod:`hf_adaquant.adaquant.staged`) when the model's blocks form a
+chain (O(depth) forward work), whole-model captures otherwise (the reason is logged). Every activation a run
+caches shares one memory budget (``config.max_cache_bytes``) and one spill directory, removed when the run ends
+however it ends.
 """
 
 from __future__ import annotations
@@ -31,17 +36,15 @@ from ..utils.seeding import make_generator
 from . import layerwise
 from .cache import capture_layer_io, capture_layers_io
 from .layerwise import LayerReport, layer_seed_salt
+from .spill import CacheBudget, SpillDir
+from .staged import StagedRunner
+from .stages import StagePlan, find_stage_plan
 
-__all__ = ["run_layers"]
+__all__ = ["run_adaquant", "run_layers"]
 
 _logger = logging.getLogger(__name__)
-# Test hooks: raise in the job of this layer ("*": any) on this rank (one failing rank must stop all of them).
-_FAIL_LAYER_ENV, _FAIL_RANK_ENV = "HF_ADAQUANT_TEST_FAIL_LAYER", "HF_ADAQUANT_TEST_FAIL_RANK"
-
-
-def _maybe_inject_failure(name: str, rank: int) -> None:
-    if os.environ.get(_FAIL_LAYER_ENV) in (name, "*") and int(os.environ.get(_FAIL_RANK_ENV, "0")) == rank:
-        raise RuntimeError(f"injected failure (test hook {_FAIL_LAYER_ENV}) on layer {name!r}")
+# A model this deep without stages is worth a warning: its sequential captures cost depth^2 forwards.
+_WARN_UNSTAGED_LAYERS = 16
 
 
 def _cache_dtype(config: AdaQuantConfig) -> torch.dtype:
@@ -84,8 +87,8 @@ def _layer_costs(names: Sequence[str], qmodel: nn.Module, config: AdaQuantConfig
 
 def _run_parallel(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, todo: Sequence[str],
                   batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None, bar: tqdm,
-                  layer_bytes: Mapping[str, int] | None,
-                  layer_info: Mapping[str, LayerInfo] | None) -> dict[str, LayerReport]:
+                  layer_bytes: Mapping[str, int] | None, layer_info: Mapping[str, LayerInfo] | None,
+                  budget: CacheBudget, spill: SpillDir) -> dict[str, LayerReport]:
     if ctx.is_distributed:
         num_samples = sum(batch_size(b) for b in batches)
         costs = _layer_costs(todo, qmodel, config, num_samples, layer_info, layer_bytes)
@@ -100,13 +103,12 @@ def _run_parallel(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Modul
         groups = layerwise._parallel_groups(mine, dict(layer_bytes) if layer_bytes else None, config.max_cache_bytes)
         for group in (g for g in groups if g):  # a rank may have nothing left to do
             current = f"capturing layers {group[0]!r}..{group[-1]!r}"
-            caches = capture_layers_io(fp_model, group, batches, dtype=_cache_dtype(config),
-                                       max_bytes=config.max_cache_bytes)
+            caches = capture_layers_io(fp_model, group, batches, dtype=_cache_dtype(config), budget=budget,
+                                       spill=spill)
             try:
                 for name in group:
                     current = f"layer {name!r}"
                     ctx.check_abort()
-                    _maybe_inject_failure(name, ctx.rank)
                     layer = qmodel.get_submodule(name)
                     cache = caches.pop(name)
                     try:
@@ -143,48 +145,78 @@ def _run_parallel(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Modul
     return results
 
 
-def _run_sequential(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, todo: Sequence[str],
-                    batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None,
-                    bar: tqdm) -> dict[str, LayerReport]:
+def _stage_plan(ctx: DistributedContext, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch],
+                config: AdaQuantConfig) -> StagePlan | None:
+    """The model's stages for staged propagation, or None (whole-model captures; the reason is logged)."""
+    if not config.staged_propagation:
+        return None
+    plan, why = find_stage_plan(fp_model, layer_names, batches[0])
+    if ctx.is_distributed and not all(ctx.all_gather_object(plan is not None)):  # every rank captures alike
+        plan, why = None, why or "another rank found no stages"
+    if plan is None:
+        log = _logger.warning if len(layer_names) >= _WARN_UNSTAGED_LAYERS else _logger.info
+        log("staged propagation is off for this model, each layer's inputs come from whole-model forward passes "
+            "(forward work grows with depth squared): %s", why)
+    else:
+        _logger.info("staged propagation over %d blocks (%s .. %s)", len(plan.blocks), plan.blocks[0],
+                     plan.blocks[-1])
+    return plan
+
+
+def _run_sequential(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str],
+                    todo: Sequence[str], batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None,
+                    bar: tqdm, budget: CacheBudget, spill: SpillDir) -> dict[str, LayerReport]:
     sync = DataParallelSync(ctx) if ctx.is_distributed else None
     local_batches = shard_batches(batches, ctx.rank, ctx.world_size) if sync is not None else list(batches)
     results: dict[str, LayerReport] = {}
-    for name in todo:  # execution order; finished layers are already loaded, so the prefix is right
-        layer = qmodel.get_submodule(name)
-        error, cache = None, None
-        try:
-            _maybe_inject_failure(name, ctx.rank)
-            cache = capture_layer_io(qmodel, fp_model, name, local_batches, dtype=_cache_dtype(config),
-                                     max_bytes=config.max_cache_bytes)
-        except Exception as e:
-            if sync is None:
-                raise
-            error = e
-        ctx.sync_failure(error, f"capturing layer {name!r}")
-        salt = layer_seed_salt(name)
-        generator = make_generator(config.seed, salt) if sync is None else make_generator(config.seed, salt, ctx.rank)
-        try:
-            report = layerwise.optimize_layer(layer, cache, config, generator, name=name, sync=sync)
-        except DistributedRunError:
-            raise
-        except BaseException as e:
-            ctx.report_failure(e, f"layer {name!r}")
-            raise
-        finally:
-            cache.cleanup()
-        error = None
-        if store is not None and ctx.is_main:  # every rank holds the same layer: one writer
+    if not todo:
+        return results
+    plan = _stage_plan(ctx, fp_model, layer_names, local_batches, config)
+    staged = None if plan is None else StagedRunner(plan, qmodel, fp_model, local_batches,
+                                                    dtype=_cache_dtype(config), budget=budget, spill=spill)
+    try:
+        for name in todo:  # execution order; finished layers are already loaded, so the prefix is right
+            layer = qmodel.get_submodule(name)
+            error, cache = None, None
             try:
-                store.save_layer(name, layer, report.to_dict())
+                if staged is not None:
+                    cache = staged.capture(name)
+                else:
+                    cache = capture_layer_io(qmodel, fp_model, name, local_batches, dtype=_cache_dtype(config),
+                                             budget=budget, spill=spill)
             except Exception as e:
                 if sync is None:
                     raise
                 error = e
-        ctx.sync_failure(error, f"checkpointing layer {name!r}")
-        results[name] = report
-        bar.update(1)
-        bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
-        _logger.debug("%s", report)
+            ctx.sync_failure(error, f"capturing layer {name!r}")
+            salt = layer_seed_salt(name)
+            generator = make_generator(config.seed, salt) if sync is None else make_generator(config.seed, salt,
+                                                                                              ctx.rank)
+            try:
+                report = layerwise.optimize_layer(layer, cache, config, generator, name=name, sync=sync)
+            except DistributedRunError:
+                raise
+            except BaseException as e:
+                ctx.report_failure(e, f"layer {name!r}")
+                raise
+            finally:
+                cache.cleanup()
+            error = None
+            if store is not None and ctx.is_main:  # every rank holds the same layer: one writer
+                try:
+                    store.save_layer(name, layer, report.to_dict())
+                except Exception as e:
+                    if sync is None:
+                        raise
+                    error = e
+            ctx.sync_failure(error, f"checkpointing layer {name!r}")
+            results[name] = report
+            bar.update(1)
+            bar.set_postfix_str(f"{name} mse {report.mse_before:.3g}->{report.mse_after:.3g}")
+            _logger.debug("%s", report)
+    finally:
+        if staged is not None:
+            staged.close()
     return results
 
 
@@ -223,14 +255,41 @@ def run_layers(
     bar = progress_bar(total=len(layer_names), initial=len(done), desc=f"AdaQuant ({config.variant})",
                        disable=not config.progress or not ctx.is_main)
     moved = _move([fp_model, qmodel], ctx.device if ctx.is_distributed else None)
+    budget, spill = CacheBudget(config.max_cache_bytes), SpillDir()
     try:
         if config.variant == "parallel":
-            new = _run_parallel(ctx, qmodel, fp_model, todo, batches, config, store, bar, layer_bytes, layer_info)
+            new = _run_parallel(ctx, qmodel, fp_model, todo, batches, config, store, bar, layer_bytes, layer_info,
+                                budget, spill)
         else:
-            new = _run_sequential(ctx, qmodel, fp_model, todo, batches, config, store, bar)
-    finally:
+            new = _run_sequential(ctx, qmodel, fp_model, layer_names, todo, batches, config, store, bar, budget,
+                                  spill)
+    finally:  # success, failure or Ctrl-C: no spill file outlives the run
+        spill.close()
         bar.close()
         for model, device in moved:
             model.to(device)
     reports = {**done, **new}
     return [reports[name] for name in layer_names]
+
+
+def run_adaquant(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Sequence[Batch],
+    config: AdaQuantConfig,
+    layer_bytes: Mapping[str, int] | None = None,
+    *,
+    layer_info: Mapping[str, LayerInfo] | None = None,
+    work_dir: str | os.PathLike | None = None,
+    context: DistributedContext | None = None,
+) -> list[LayerReport]:
+    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
+
+    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass;
+    ``layer_info`` (:class:`~hf_adaquant.prepare.LayerInfo` by name) balances layers over ranks by cost.
+    Under ``torchrun`` / ``accelerate launch`` the work is split over the ranks; with ``work_dir`` finished
+    layers are checkpointed and a re-run resumes (see the module docstring).
+    """
+    return run_layers(qmodel, fp_model, layer_names, batches, config, layer_bytes, layer_info=layer_info,
+                      work_dir=work_dir, context=context)

@@ -1,7 +1,9 @@
 """Bit allocation: choose a precision per layer under size / BOPs budgets by integer programming.
 
-``ilp`` is the solver (pure numpy/scipy); ``budget`` maps a config to options, pins and budgets; ``sensitivity``
-measures the per-layer, per-option criterion increases; ``pareto`` sweeps budgets and plots the results.
+``problem`` holds the types (options, problem, allocation), ``units`` the size/BOPs units and totals, ``presolve``
+the exact reductions and ``solver`` the MILP (pure numpy/scipy; ``ilp`` re-exports the four); ``budget`` maps a
+config to options, pins and budgets; ``sensitivity`` measures the per-layer, per-option criterion increases;
+``pareto`` plots sweeps. The sweep itself quantizes, so it is a pipeline verb: :func:`hf_adaquant.sweep.pareto_sweep`.
 """
 
 from .budget import (
@@ -27,7 +29,7 @@ from .ilp import (
     solve_allocation,
     uniform_allocation,
 )
-from .pareto import pareto_sweep, plot_bits_per_layer, plot_pareto
+from .pareto import plot_bits_per_layer, plot_pareto
 from .sensitivity import measure_sensitivity, sensitivity_fingerprint
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "check_budget",
     "measure_sensitivity",
     "option_of_bits",
-    "pareto_sweep",
     "plot_bits_per_layer",
     "plot_pareto",
     "policy_pins",

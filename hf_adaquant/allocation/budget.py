@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..config import AdaQuantConfig
+from ..prepare import LayerInfo
 from .ilp import Allocation, AllocationProblem, BitOption, solve_allocation
-
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
-    from ..prepare import LayerInfo
 
 __all__ = [
     "FLOAT_ACTIVATION_BITS",
@@ -93,7 +89,7 @@ def policy_pins(layer_names: Sequence[str], config: AdaQuantConfig) -> dict[str,
 
 
 def build_problem(
-    layers: Sequence["LayerInfo"], config: AdaQuantConfig, sensitivity: np.ndarray | None = None
+    layers: Sequence[LayerInfo], config: AdaQuantConfig, sensitivity: np.ndarray | None = None
 ) -> AllocationProblem:
     """The allocation problem for ``layers`` (the quantized layers, in execution order) under ``config``.
 
@@ -169,24 +165,9 @@ def allocation_to_layer_bits(allocation: Allocation | Mapping[str, BitOption]) -
     return {name: bits_of_option(opt) for name, opt in assignment.items()}
 
 
-def allocate_for_config(
-    model: "nn.Module", batches: Sequence[Any], config: AdaQuantConfig
-) -> tuple[AdaQuantConfig, Allocation]:
-    """What :func:`hf_adaquant.quantize` does with a budget: measure, solve, return the config with ``layer_bits``.
-
-    The returned config has the allocated ``layer_bits`` and no budget (a config may not hold both: the budget
-    is spent); :func:`allocation_record` keeps the budget next to the allocation in the run's report.
-    An infeasible budget raises before any sensitivity is measured.
-    """
-    from .sensitivity import measure_sensitivity
-
-    problem = measure_sensitivity(model, batches, config, progress=config.progress)
-    allocation = allocate_bits(problem, config)
-    return allocated_config(config, allocation), allocation
-
-
 def allocated_config(config: AdaQuantConfig, allocation: Allocation | Mapping[str, BitOption]) -> AdaQuantConfig:
-    """``config`` with the allocation as ``layer_bits`` and the budget it was solved for cleared.
+    """``config`` with the allocation as ``layer_bits`` and the budget it was solved for cleared (what
+    :func:`hf_adaquant.quantize.allocate_for_config` returns after measuring and solving).
 
     This is the config that reproduces the run (and that a saved checkpoint records): re-running it gives the
     same bits without allocating again.

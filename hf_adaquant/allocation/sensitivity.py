@@ -34,30 +34,41 @@ from torch import nn
 
 from ..adaquant.cache import IOCache, capture_layer_io
 from ..adaquant.layerwise import init_input_range, optimize_layer
+from ..adaquant.staged import StagedRunner
 from ..calibrate import init_weight_range
 from ..config import AdaQuantConfig
 from ..nn import quantize_module
-from ..prepare.fold_bn import FoldResult
+from ..prepare import FoldResult, prepare_model
 from ..tuning.bias import _kl, output_tensors
 from ..utils.batches import Batch, batch_size, call_model, materialize_batches, slice_batch
 from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
-from .budget import build_problem, candidate_options, check_budget, policy_pins
+from .budget import bits_of_option, build_problem, candidate_options, check_budget, policy_pins
 from .ilp import AllocationProblem, BitOption
 
-__all__ = ["SENSITIVITY_CACHE_VERSION", "measure_sensitivity", "sensitivity_fingerprint"]
+__all__ = ["SENSITIVITY_ADVANCED_FIELDS", "SENSITIVITY_CACHE_VERSION", "SENSITIVITY_FIELDS", "measure_sensitivity",
+           "sensitivity_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-SENSITIVITY_CACHE_VERSION = 1
+SENSITIVITY_CACHE_VERSION = 2  # 2: the key holds the rounding fields (weight_rounding, lr_rounding, ...)
 
-# Config fields that change measured sensitivities (or which layers/options are measured).
-_COMMON_FIELDS = ("pipeline", "first_last_bits", "include", "exclude", "pinned_layers", "candidate_weight_bits",
-                  "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
-                  "weight_range_method", "activation_range_method", "max_calibration_samples", "seed",
-                  "cache_dtype", "embedding_bits")
-_ADVANCED_FIELDS = ("iterations", "batch_size", "max_step_elements", "lr_weight", "lr_bias", "lr_weight_scale",
-                    "lr_act_scale", "lr_zero_point", "weight_deviation_limit")
+# The config fields this stage reads, directly or through prepare_model, build_problem/policy_pins and _fit_layer
+# (range initialisation, and optimize_layer in the advanced pipeline). The cache key is built from exactly these:
+# a change to one of them recomputes, a change to any other field (bias tuning, budgets, progress...) reuses the
+# cache. ``activation_bits`` is read only as "weight-only or not" (``candidate_activation_bits`` give the bits),
+# so the key holds that flag instead; ``max_cache_bytes`` only bounds memory (same values). Keep in step with the
+# code when it reads a new field (tests check the key).
+SENSITIVITY_FIELDS: tuple[str, ...] = (
+    "pipeline", "first_last_bits", "include", "exclude", "pinned_layers", "candidate_weight_bits",
+    "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
+    "weight_range_method", "activation_range_method", "max_calibration_samples", "seed", "cache_dtype",
+    "embedding_bits")
+"""Config fields the sensitivity measurement reads in either pipeline."""
+SENSITIVITY_ADVANCED_FIELDS: tuple[str, ...] = (
+    "iterations", "batch_size", "max_step_elements", "lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale",
+    "lr_zero_point", "weight_deviation_limit", "weight_rounding", "rounding_regularization", "lr_rounding")
+"""Config fields it reads in the advanced pipeline only (AdaQuant's, through ``optimize_layer``)."""
 
 _TASK_NEEDS_LABELS = (
     "sensitivity_criterion='task' needs labels (and optionally a loss_fn; default cross-entropy on the first "
@@ -201,9 +212,10 @@ def sensitivity_fingerprint(
     config: AdaQuantConfig, layer_names: Sequence[str], *, model_hash: str = "", data_hash: str = "",
     labels_hash: str = "", loss_fn: LossFn | None = None, max_eval_samples: int | None = None,
 ) -> dict[str, Any]:
-    """What a cached sensitivity matrix depends on: the relevant config fields (AdaQuant hyper-parameters only for
-    the advanced pipeline), the layer names, and hashes of the model weights and calibration data."""
-    fields = _COMMON_FIELDS + (_ADVANCED_FIELDS if config.pipeline == "advanced" else ())
+    """What a cached sensitivity matrix depends on: the config fields the measurement reads
+    (:data:`SENSITIVITY_FIELDS`, plus :data:`SENSITIVITY_ADVANCED_FIELDS` for the advanced pipeline), the layer
+    names, and hashes of the model weights and calibration data."""
+    fields = SENSITIVITY_FIELDS + (SENSITIVITY_ADVANCED_FIELDS if config.pipeline == "advanced" else ())
     fp: dict[str, Any] = {"cache_version": SENSITIVITY_CACHE_VERSION}
     fp.update({name: _jsonable(getattr(config, name, None)) for name in fields})
     fp["weight_only"] = config.activation_bits is None
@@ -259,8 +271,6 @@ def _save_cache(path: Path, fingerprint: dict[str, Any], problem: AllocationProb
 def _fit_layer(float_layer: nn.Module, name: str, index: int, option: BitOption, fold: FoldResult,
                cache: IOCache, config: AdaQuantConfig) -> nn.Module:
     """A quantized copy of ``float_layer`` at ``option``, fitted on ``cache`` (AdaQuant or ranges only)."""
-    from .budget import bits_of_option
-
     wbits, abits = bits_of_option(option)
     qlayer = quantize_module(float_layer, wbits, abits, weight_symmetric=config.weight_symmetric,
                              activation_symmetric=config.activation_symmetric)
@@ -312,8 +322,6 @@ def measure_sensitivity(
         :class:`AllocationProblem` with options ``candidate_options(config)`` (+ pin-only options), the pins, and
         ``num_params``/``macs`` of the quantized layers. Sensitivities are criterion increases over the FP model.
     """
-    from ..quantize import prepare_model  # late: quantize imports this package lazily
-
     if max_eval_samples is not None and max_eval_samples < 1:
         raise ValueError(f"max_eval_samples must be >= 1 or None, got {max_eval_samples!r}")
     batches = materialize_batches(calibration_batches, config.max_calibration_samples)
@@ -346,12 +354,15 @@ def measure_sensitivity(
     todo = [(l, name) for l, name in enumerate(names) if name not in pins]
     dtype = torch.float16 if config.cache_dtype == "float16" else torch.float32
     bar = progress_bar(total=len(todo) * len(options), desc=f"sensitivity ({config.pipeline})", disable=not progress)
+    # Stage by stage where the model has stages: one run of a layer's block captures it, not the whole FP prefix.
+    staged, _ = StagedRunner.for_model(fp_model, None, names, batches, max_bytes=config.max_cache_bytes, dtype=dtype)
     try:
         for index, name in todo:
             parent_name, _, child = name.rpartition(".")
             parent = fp_model.get_submodule(parent_name) if parent_name else fp_model
             float_layer = getattr(parent, child)
-            cache = capture_layer_io(fp_model, fp_model, name, batches, dtype=dtype, max_bytes=config.max_cache_bytes)
+            cache = staged.capture(name) if staged is not None else capture_layer_io(
+                fp_model, fp_model, name, batches, dtype=dtype, max_bytes=config.max_cache_bytes)
             try:
                 for k, option in enumerate(options):
                     bar.set_postfix_str(f"{name} {option.label}")
@@ -366,6 +377,8 @@ def measure_sensitivity(
                 cache.cleanup()
     finally:
         bar.close()
+        if staged is not None:
+            staged.close()
     seconds = time.perf_counter() - start
     if not np.all(np.isfinite(sens[[l for l, _ in todo]][:, : len(options)])):
         raise RuntimeError("a sensitivity is not finite (NaN/Inf model outputs with a quantized layer?)")

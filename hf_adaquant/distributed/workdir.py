@@ -44,7 +44,7 @@ FORMAT_VERSION = 2  # 2: layer files carry a SHA-256 digest of their tensors and
 _DIGEST_KEY = "sha256"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Fields that do not change the result: a resumed run may differ in them.
-_IGNORED_CONFIG_FIELDS = ("progress",)
+_IGNORED_CONFIG_FIELDS = ("progress", "staged_propagation")  # staged: same inputs, other route
 
 
 class WorkDirMismatchError(ValueError):

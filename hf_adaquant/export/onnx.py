@@ -8,8 +8,10 @@ is exported as in the float model.
 
 With its graph optimisations off, onnxruntime computes exactly what PyTorch computes, up to float summation order
 (an activation within ~1e-7 of a rounding tie may take the neighbouring code). With them on (its default), layers
-with 8-bit weights and activations run on its integer kernels, which round each bias to a multiple of input step x
-weight step; the biases of other layers are kept out of its reach (added after the layer) so they stay exact.
+with 8-bit weights and activations (and, in the default ``op_style="fused"`` (:mod:`.fused`), any weights that fit
+int8 whose layer feeds a requantized output or is linear) run on its integer kernels, which round each bias to a
+multiple of input step x weight step; the biases of other layers are kept out of its reach (added after the layer)
+so they stay exact.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ try:  # the optional "onnx" extra
 
     from .graph import (QUANTIZER_KEY, add_biases_after, attach_encodings, fold_weight_transposes, prune_initializers,
                         quantizer_tag)
+    from .fused import fused_qdq
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     onnx = None
     _ONNX_IMPORT_ERROR: ImportError | None = _exc
 else:
     _ONNX_IMPORT_ERROR = None
 
-__all__ = ["EXPORTABLE_LAYERS", "export_onnx", "file_opset"]
+__all__ = ["EXPORTABLE_LAYERS", "OP_STYLES", "export_onnx", "file_opset"]
+
+# "fused": the QDQ graph arranged for onnxruntime's fast integer kernels (see .fused); "qdq": every quantized layer
+# as DequantizeLinear -> float op (the plain form; onnxruntime dequantizes most weights on every run).
+OP_STYLES = ("fused", "qdq")
 
 _logger = logging.getLogger(__name__)
 
@@ -299,7 +306,7 @@ def _trace(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], ops
 
 # ------------------------------------------------------------------------------------------------------ public
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inputs, *, opset: int | None = None,
-                dynamic_axes: DynamicAxes | None = None) -> Path:
+                dynamic_axes: DynamicAxes | None = None, op_style: str = "fused") -> Path:
     """Write ``qmodel`` (from :func:`hf_adaquant.quantize` / :func:`hf_adaquant.load_quantized`) as an ONNX file.
 
     Each quantized weight is an integer initializer (8-bit types for 5..8 bits, 4-bit types for 3..4 bits, 2-bit
@@ -318,6 +325,13 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
             weights, 25 with 2-bit weights).
         dynamic_axes: ``{input name: {axis: dimension name}}`` (or a list of axes); default: the batch axis of
             every input, plus the sequence axis of integer keyword inputs. ``{}`` exports static shapes.
+        op_style: ``"fused"`` (default): the graph arranged for onnxruntime's fast integer kernels: weights that
+            feed QLinearConv (a convolution whose output is requantized) or MatMulIntegerToFloat / QGemm (linear
+            layers) reach them as int8 codes computed from the stored ones by nodes onnxruntime folds at load;
+            other convolutions (float output, or 8-bit per-channel asymmetric weights) get weights dequantized by
+            foldable nodes and run in float. The file keeps the stored codes; the numbers are the ``"qdq"``
+            form's. ``"qdq"``: every layer as ``DequantizeLinear -> Conv/MatMul/Gemm`` (the plain form QDQ tools
+            read; slower in onnxruntime, which dequantizes most weights on every run).
 
     Returns:
         The path written.
@@ -332,6 +346,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
         >>> onnxruntime.InferenceSession("model.onnx").run(None, {"x": images.numpy()})
     """
     _require_onnx()
+    if op_style not in OP_STYLES:
+        raise ExportError(f"op_style must be one of {', '.join(map(repr, OP_STYLES))}, got {op_style!r}")
     layers = quantized_layers(qmodel)
     args, kwargs = _to_model_device(qmodel, *_split_inputs(example_inputs))
     opset = resolve_opset(layers, opset)
@@ -346,7 +362,16 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
             model = _trace(qmodel, args, kwargs, opset, shapes, _output_names(outputs))
     attach_encodings(model, weights, inputs, traced)
     fold_weight_transposes(model)
-    add_biases_after(model, {name or "model" for name, enc in weights.items() if enc.type.width != 8})
+    fused: set[str] = set()
+    if op_style != "qdq":
+        rewrite = fused_qdq(model, weights, inputs)
+        fused = {name for name, form in rewrite.forms.items() if form == "fused"}
+        kept = {name: reason for name, reason in rewrite.reasons.items()}
+        if kept:
+            _logger.info("%s op style: %d of %d layers in another form: %s", op_style, len(kept), len(weights),
+                         "; ".join(f"{name or 'model'}: {reason}" for name, reason in list(kept.items())[:10]))
+    add_biases_after(model, {name or "model" for name, enc in weights.items()
+                             if enc.type.width != 8 and name not in fused})
     prune_initializers(model.graph)
     try:
         onnx.checker.check_model(model)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import datasets
 import torch
 from torch import nn
 
+from ..serialization.checkpoint import model_kind
 from ..utils.deprecation import renamed_kwargs
 
 __all__ = ["dataset_to_batches", "load_calibration_dataset", "model_input_names", "tokenize_texts",
@@ -107,8 +108,6 @@ def dataset_to_batches(data: Any, model: nn.Module, batch_size: int = 8) -> list
             raise ValueError(f"no dataset column matches the model's inputs {sorted(accepted or [])}; columns: "
                              f"{data.column_names} (use preprocess_function to produce them)")
         columns = tensor_columns
-    from ..serialization.checkpoint import model_kind
-
     # transformers models take keyword inputs; timm / plain models one positional tensor
     positional = model_kind(model) != "transformers" and len(columns) == 1
     data = data.with_format("torch", columns=columns)

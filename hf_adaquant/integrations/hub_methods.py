@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from ..hub.push import push_model_to_hub
 from ..hub.push import push_to_hub as hub_push
 from ..quantize import register_model_finalizer
-from ..serialization.checkpoint import load_quantized, save_quantized
+from ..serialization.checkpoint import load_quantized, register_load_finalizer, save_quantized
 
 __all__ = ["add_hub_methods"]
 
@@ -52,7 +52,7 @@ def _push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
 def _from_pretrained(self: nn.Module, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """``load_quantized(path_or_repo_id, **kwargs)`` (a plain PyTorch checkpoint needs ``model=<float
     skeleton>``), with these methods bound to the result."""
-    return add_hub_methods(load_quantized(path_or_repo_id, **kwargs))
+    return load_quantized(path_or_repo_id, **kwargs)  # the load finalizer binds the methods
 
 
 class _HubMethod:
@@ -81,3 +81,4 @@ def add_hub_methods(model: nn.Module) -> nn.Module:
 
 
 register_model_finalizer(add_hub_methods)
+register_load_finalizer(add_hub_methods)

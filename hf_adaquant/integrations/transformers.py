@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -39,13 +40,14 @@ from ..nn.qembedding import FrozenQEmbedding
 from ..hub.push import push_to_hub as hub_push
 from ..quantize import quantize, register_model_finalizer
 from ..serialization.checkpoint import (CheckpointError, attach_report, check_weights_header,
-                                        quantization_config_dict, read_weights, save_quantized, validate_layout,
-                                        verify_layer_tensors)
+                                        quantization_config_dict, read_weights, register_checkpoint_loader,
+                                        save_quantized, validate_layout, verify_layer_tensors)
 from ..serialization.embeddings import quantize_embedding_skeleton_
 from ..serialization.layout import (apply_signed, build_qmodule, layer_tensor_specs, replace_folded_batchnorms_,
                                     set_submodule, unpack_layer)
+from .calibration import text_batches_from_config
 
-__all__ = ["AdaQuantHfQuantizer", "PackedQLayer", "QUANT_METHOD", "mark_quantized", "register"]
+__all__ = ["AdaQuantHfQuantizer", "PackedQLayer", "QUANT_METHOD", "load_checkpoint", "mark_quantized", "register"]
 
 _logger = logging.getLogger(__name__)
 
@@ -216,8 +218,6 @@ class AdaQuantHfQuantizer(HfQuantizer):
                     set_submodule(model, name, module.unfrozen())
             attach_report(model, self.quantization_config.to_dict())
         else:
-            from .calibration import text_batches_from_config
-
             batches = text_batches_from_config(self.quantization_config, model)
             _transplant(model, quantize(model, batches, self.quantization_config))
             self.pre_quantized = True
@@ -241,6 +241,16 @@ class AdaQuantHfQuantizer(HfQuantizer):
         return False
 
 
+def load_checkpoint(directory: Path, config: dict[str, Any]) -> nn.Module:
+    """Rebuild a saved transformers checkpoint with its architecture's ``from_pretrained`` (through the "adaquant"
+    quantizer): what :func:`hf_adaquant.load_quantized` does for a transformers folder without ``model=``."""
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(str(directory), device_map=None)
+
+
 def register() -> None:
     """Register "adaquant" with transformers, and mark the transformers models ``quantize`` returns as quantized;
     idempotent (re-imports and reloads replace the entries)."""
@@ -253,6 +263,7 @@ def register() -> None:
     else:
         AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = AdaQuantHfQuantizer
     register_model_finalizer(_finalize_quantized)
+    register_checkpoint_loader("transformers", load_checkpoint)
 
 
 register()

@@ -16,9 +16,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..data import ImageFolderWithLabels, efficientnet_lite0_transform, load_cifar10_npz
 from ..integrations.calibration import load_calibration_dataset, model_input_names, tokenize_texts
 from ..integrations.image_evaluator import evaluate_image_classifier, supports_image_evaluator
 from ..metrics import load_metric
+from ..models import load_cifar_resnet, load_efficientnet_lite0
+from ..tasks.squad import SquadExample, evaluate_squad_model, load_squad_examples, squad_calibration_batches
 from ..utils.logging import progress_bar
 from .schema import Recipe, RecipeError
 
@@ -84,12 +87,8 @@ def build_model(recipe: Recipe) -> BuiltModel:
         if spec["task"] != "image-classification":
             tokenizer = transformers.AutoTokenizer.from_pretrained(spec["id"], **hub_kwargs)
     elif source == "cifar_resnet":
-        from ..models import load_cifar_resnet
-
         model = load_cifar_resnet(spec["depth"], spec["checkpoint"])
     elif source == "efficientnet_lite0":
-        from ..models import load_efficientnet_lite0
-
         model = load_efficientnet_lite0()
     else:
         model = _build_factory(spec)
@@ -129,8 +128,6 @@ class _ProcessorTransform:
 
 def _image_transform(preprocessing: str, recipe: Recipe, built: BuiltModel) -> Callable:
     if preprocessing == "efficientnet_lite0":
-        from ..data import efficientnet_lite0_transform
-
         return efficientnet_lite0_transform()
     if preprocessing == "transformers":
         return _ProcessorTransform(_image_processor(recipe, built))
@@ -147,8 +144,6 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
     """``(x, y)`` batches of an image source, at most ``limit`` samples, decoded lazily (ImageNet val is big)."""
     source = spec["source"]
     if source == "cifar10_npz":
-        from ..data import load_cifar10_npz
-
         x, y = load_cifar10_npz(spec["path"], limit=limit)
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
@@ -160,8 +155,6 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
         for i in range(0, n, batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
     elif source == "image_folder":
-        from ..data import ImageFolderWithLabels
-
         transform = _image_transform(_preprocessing(spec, recipe), recipe, built)
         ds = ImageFolderWithLabels(spec["path"], transform=transform, limit=limit)
         if len(ds) == 0:
@@ -183,8 +176,6 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
 
 
 def _squad_examples(spec: dict[str, Any], limit: int | None) -> list:
-    from ..tasks.squad import SquadExample, load_squad_examples
-
     if spec["source"] == "squad_json":
         examples = load_squad_examples(spec["path"], articles=spec["articles"])
     else:
@@ -219,8 +210,6 @@ def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
     spec = recipe.calibration
     seed = recipe.quantization.seed
     if spec["source"] in ("squad_json", "hf_squad"):
-        from ..tasks.squad import squad_calibration_batches
-
         if built.tokenizer is None:
             raise RecipeError("SQuAD calibration data needs a transformers model with a tokenizer")
         return squad_calibration_batches(_squad_examples(spec, None), built.tokenizer, spec["num_samples"],
@@ -271,8 +260,6 @@ class Evaluator:
         for model in models.values():
             model.eval()
         if spec["task"] == "question-answering":
-            from ..tasks.squad import evaluate_squad_model
-
             if self.built.tokenizer is None:
                 raise RecipeError("question-answering evaluation needs a transformers model with a tokenizer")
             examples = _squad_examples(spec, spec["num_samples"])
@@ -324,8 +311,6 @@ def _image_dataset(spec: dict[str, Any], limit: int | None) -> Any:
     import datasets
 
     if spec["source"] == "image_folder":
-        from ..data import ImageFolderWithLabels
-
         folder = ImageFolderWithLabels(spec["path"], limit=limit)
         return datasets.Dataset.from_dict(
             {"image": [str(folder.folder / name) for name in folder.filenames], "label": folder.labels}

@@ -1,7 +1,9 @@
 """Recipe files: what a quantization run needs (model, calibration data, evaluation, ``AdaQuantConfig``) in YAML.
 
 A recipe has four sections. ``model`` and ``calibration``/``evaluation`` each pick a ``source`` whose keys are
-listed in :data:`MODEL_SOURCES` / :data:`DATA_SOURCES`; ``quantization`` holds ``AdaQuantConfig`` fields::
+listed in :data:`MODEL_SOURCES` / :data:`DATA_SOURCES`; ``quantization`` holds ``AdaQuantConfig`` fields, and
+optionally ``policy``: the name of a model-family policy (:data:`hf_adaquant.policies.POLICIES`, e.g. ``bert-qa``)
+that builds the config from those fields::
 
     name: cifar10-resnet20-w4a4
     model: {source: cifar_resnet, depth: 20, checkpoint: ${shared}/models/cifar10-resnet/resnet20-12fca82f.th}
@@ -16,6 +18,7 @@ Paths may start with ``${shared}`` (the offline models/data folder, :func:`hf_ad
 from __future__ import annotations
 
 import copy
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,9 +27,10 @@ import yaml
 
 from ..config import FLOAT_FIELDS, AdaQuantConfig
 from ..data.paths import repo_root, shared_dir
+from ..policies import POLICIES, policy_config
 
 __all__ = ["DATA_SOURCES", "MODEL_SOURCES", "TASKS", "Recipe", "RecipeError", "apply_overrides", "load_recipe",
-           "numbers_from_text", "parse_articles", "parse_recipe", "resolve_path"]
+           "numbers_from_text", "parse_articles", "parse_recipe", "resolve_path", "shipped_recipes"]
 
 REQUIRED = object()
 PATH = "path"  # field kind: a file or folder, resolved and (optionally) checked to exist
@@ -252,8 +256,13 @@ def parse_recipe(raw: Mapping[str, Any], *, path: Path | None = None, check_file
     quant = raw.get("quantization") or {}
     if not isinstance(quant, Mapping):
         raise RecipeError(f"{origin}: quantization must be a mapping of AdaQuantConfig fields")
+    fields = numbers_from_text(quant)
+    policy = fields.pop("policy", None)
+    if policy is not None and policy not in POLICIES:
+        raise RecipeError(f"{origin}: quantization.policy must be one of {sorted(POLICIES)}, got {policy!r}")
     try:
-        config = AdaQuantConfig.from_dict(numbers_from_text(quant))
+        # a named policy (hf_adaquant.policies) builds the config from the other fields: its rules live only there
+        config = policy_config(policy, **fields) if policy is not None else AdaQuantConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{origin}: quantization: {err}") from None
     name = raw.get("name", path.stem if path is not None else "recipe")
@@ -300,23 +309,44 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+# The recipes that ship with the package (package data, so a wheel has them); the repository's ``recipes/`` is a
+# link to this folder, so ``recipes/<name>.yaml`` paths keep working in a checkout.
+_SHIPPED = "shipped"
+
+
+def _shipped_folder() -> importlib.resources.abc.Traversable:
+    return importlib.resources.files(__package__).joinpath(_SHIPPED)
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (what :func:`load_recipe` accepts as a bare name)."""
+    return sorted(p.name[: -len(".yaml")] for p in _shipped_folder().iterdir() if p.name.endswith(".yaml"))
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_files: bool = True) -> Recipe:
     """Read, override and validate a recipe file.
 
     Args:
-        path: a ``.yaml`` file, or the name of a recipe shipped in the project's ``recipes/`` folder.
+        path: a ``.yaml`` file, or the name of a recipe shipped with the package (:func:`shipped_recipes`; e.g.
+            ``"cifar10-resnet20-w4a4"``). An existing file wins over a shipped recipe of the same name.
         overrides: ``section.key=value`` strings (the CLI's ``--set``).
         check_files: require local files named by the recipe to exist.
 
     Example:
         >>> recipe = load_recipe("recipes/cifar10-resnet20-w4a4.yaml", ["quantization.iterations=50"])
+        >>> recipe = load_recipe("cifar10-resnet20-w4a4")  # the same, shipped with the package
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        shipped = repo_root() / "recipes" / f"{path}.yaml"
-        if file.suffix or not shipped.is_file():
-            raise RecipeError(f"recipe file not found: {file}")
-        file = shipped
+        shipped = _shipped_folder().joinpath(f"{path}.yaml")
+        if file.suffix or file.name != str(path) or not shipped.is_file():
+            raise RecipeError(f"recipe file not found: {file} (shipped recipes: {', '.join(shipped_recipes())})")
+        with importlib.resources.as_file(shipped) as shipped_path:  # a real file even from a zipped install
+            return _load_file(Path(shipped_path), overrides, check_files)
+    return _load_file(file, overrides, check_files)
+
+
+def _load_file(file: Path, overrides: Sequence[str], check_files: bool) -> Recipe:
     try:
         raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:

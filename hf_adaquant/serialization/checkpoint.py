@@ -26,13 +26,15 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..config import AdaQuantConfig
 from ..nn import QModuleMixin
 from ..nn.qembedding import quantized_embeddings
+from ..report import QuantizationReport
 from ..utils.files import TEMP_MARKER, fsync_path, remove_stale_temporaries, replace_directory, temporary_name
 from .embeddings import check_embedding_tensors, pack_embedding, unpack_embedding, validate_embedding_description
 from .layout import (LAYOUT_VERSION, READABLE_LAYOUT_VERSIONS, WEIGHTS_NAME, apply_signed, check_layer_tensors,
@@ -40,8 +42,8 @@ from .layout import (LAYOUT_VERSION, READABLE_LAYOUT_VERSIONS, WEIGHTS_NAME, app
 from .packed import freeze
 
 __all__ = ["CONFIG_NAME", "CheckpointError", "check_weights_header", "layout_digest", "load_quantized", "model_kind",
-           "quantization_config_dict", "read_checkpoint_config", "read_weights", "save_quantized", "validate_layout",
-           "verify_layer_tensors"]
+           "quantization_config_dict", "read_checkpoint_config", "read_weights", "register_checkpoint_loader", "register_load_finalizer",
+           "save_quantized", "validate_layout", "verify_layer_tensors"]
 
 _logger = logging.getLogger(__name__)
 
@@ -266,8 +268,6 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def quantization_config_dict(qmodel: nn.Module) -> dict[str, Any]:
     """The JSON ``quantization_config`` of a quantized model: its run's config plus the checkpoint layout."""
-    from ..config import AdaQuantConfig
-
     report = getattr(qmodel, "hf_adaquant_report", None)
     if report is None:
         raise ValueError("the model has no hf_adaquant_report: save the model returned by hf_adaquant.quantize or "
@@ -543,8 +543,6 @@ def load_state_into_(model: nn.Module, tensors: dict[str, torch.Tensor], layout:
 
 def attach_report(model: nn.Module, qconfig: dict[str, Any]) -> None:
     """Give a loaded model the ``hf_adaquant_report`` a freshly quantized one has (so it can be saved again)."""
-    from ..quantize import QuantizationReport
-
     config = {k: v for k, v in qconfig.items() if k != "checkpoint_layout"}
     layout = qconfig["checkpoint_layout"]
     plan = {name: [d["weight_bits"], d["activation_bits"]] for name, d in layout["layers"].items()}
@@ -564,6 +562,31 @@ def _skeleton(directory: Path, config: dict[str, Any], model: nn.Module | None) 
                               f"({config['hf_adaquant_model_class']}); pass a float skeleton: "
                               "load_quantized(path, model=MyModel(...))")
     raise CheckpointError(f"{directory / CONFIG_NAME}: neither a transformers nor a timm config")
+
+
+# Checkpoints another library rebuilds itself (transformers' from_pretrained, through our HfQuantizer): the
+# integration registers its loader here, so this layer never imports the integrations (dependency inversion).
+CheckpointLoader = Callable[[Path, dict[str, Any]], nn.Module]
+_CHECKPOINT_LOADERS: dict[str, CheckpointLoader] = {}
+
+
+def register_checkpoint_loader(kind: str, loader: CheckpointLoader) -> CheckpointLoader:
+    """Have :func:`load_quantized` (without ``model=``) rebuild checkpoints of ``kind`` with
+    ``loader(directory, config_json)``; only ``"transformers"`` is looked up. Registering again replaces it."""
+    _CHECKPOINT_LOADERS[kind] = loader
+    return loader
+
+
+# Integrations that add methods to loaded timm / plain models (save_pretrained, push_to_hub: integrations/hub_methods)
+# register here, for the same reason.
+_LOAD_FINALIZERS: dict[str, Callable[[nn.Module], Any]] = {}
+
+
+def register_load_finalizer(finalizer: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """Have :func:`load_quantized` call ``finalizer(model)`` on every timm / plain PyTorch model it rebuilds
+    (transformers models come from their own loader). Registering the same function again replaces it."""
+    _LOAD_FINALIZERS[f"{finalizer.__module__}.{finalizer.__qualname__}"] = finalizer
+    return finalizer
 
 
 def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | None = None,
@@ -593,17 +616,13 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
     layout = qconfig["checkpoint_layout"]
     weights_path = directory / layout["weights_file"]
     if model is None and "model_type" in config:  # transformers: its own loader, through our HfQuantizer
-        import transformers
-
-        from ..integrations import transformers as _registration  # noqa: F401  (registers "adaquant")
-
-        arch = (config.get("architectures") or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            cls = transformers.AutoModel
+        loader = _CHECKPOINT_LOADERS.get("transformers")
+        if loader is None:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: a transformers checkpoint, and no transformers loader "
+                                  "is registered (import hf_adaquant, which registers it)")
         # a clear error on a truncated or foreign file before transformers opens it (the full check runs in the hook)
         check_weights_header(weights_path, layout)
-        loaded = cls.from_pretrained(str(directory), device_map=None)
+        loaded = loader(directory, config)
         return (freeze(loaded) if packed else loaded).to(device).eval()
     tensors = read_weights(weights_path, layout=layout)
     verify_layer_tensors(tensors, layout, str(weights_path))
@@ -617,4 +636,7 @@ def load_quantized(path_or_repo_id: str | os.PathLike, *, model: nn.Module | Non
     attach_report(skeleton, qconfig)
     for p in skeleton.parameters():
         p.requires_grad_(False)
-    return (freeze(skeleton) if packed else skeleton).to(device).eval()
+    loaded = (freeze(skeleton) if packed else skeleton).to(device).eval()
+    for finalizer in _LOAD_FINALIZERS.values():
+        finalizer(loaded)
+    return loaded

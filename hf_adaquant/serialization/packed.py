@@ -20,8 +20,8 @@ import torch
 from timm.layers.padding import pad_same
 from torch import nn
 
-from ..integrations.timm import QConv2dSame
 from ..nn import QConv2d, QLinear, QModuleMixin
+from ..nn.qconv_same import QConv2dSame
 from ..nn.qembedding import freeze_embedding, quantized_embeddings
 from .layout import pack_layer
 from .pack import unpack_codes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adaquant.cache import capture_layer_outputs, observe_outputs
+from ..adaquant.staged import StagedRunner
 from ..calibrate import qmodules
 from ..config import BIAS_CORRECTION_METHODS
 from ..utils.batches import Batch, batch_size, call_model, slice_batch
@@ -17,6 +19,8 @@ from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
 
 __all__ = ["activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
+
+_logger = logging.getLogger(__name__)
 
 
 def _channel_mean(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -55,13 +59,15 @@ def _fp_channel_means(fp_model: nn.Module, layer_names: Sequence[str], batches: 
 @torch.no_grad()
 def correct_bias(
     qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch], *,
-    method: str = "single_pass", progress: bool = False,
+    method: str = "single_pass", progress: bool = False, max_cache_bytes: int = 4 << 30,
 ) -> dict[str, float]:
     """Shift each layer's bias by the mean per-channel error of its output, in execution order.
 
     Each layer sees inputs from the already-corrected quantized prefix, so corrections do not double count.
-    ``"per_layer"`` measures each layer's error exactly over all batches before moving on: one quantized forward
-    per layer and batch (cost grows with the square of the depth). ``"single_pass"`` corrects every layer
+    ``"per_layer"`` measures each layer's error exactly over all batches before moving on: one run of the
+    layer's stage per layer and batch where the model has stages (:mod:`hf_adaquant.adaquant.staged`; boundary
+    activations within ``max_cache_bytes``, spilled past it), one quantized forward of the whole prefix otherwise
+    (cost grows with the square of the depth). ``"single_pass"`` corrects every layer
     inside one quantized forward per batch, keeping a running average of each layer's correction across
     batches (cost: one FP and one quantized pass). Returns the mean absolute shift per layer.
     """
@@ -73,13 +79,26 @@ def correct_bias(
         return {name: d.abs().mean().item() for name, d in deltas.items()}
     fp_means = _fp_channel_means(fp_model, layer_names, batches, conv)
     shifts: dict[str, float] = {}
-    for name in progress_bar(layer_names, desc="bias correction", disable=not progress, leave=False):
-        layer = qmodel.get_submodule(name)
-        q_mean = _ChannelMean(conv[name])
-        capture_layer_outputs(qmodel, name, batches, q_mean.add)
-        delta = (fp_means[name] - q_mean.mean).to(layer.bias.dtype).to(layer.bias.device)
-        layer.bias.add_(delta)
-        shifts[name] = delta.abs().mean().item()
+    # Stage by stage where the model has stages: each layer's outputs come from one run of its own block on the
+    # corrected prefix's boundary, not from a whole prefix per layer.
+    staged, why = StagedRunner.for_model(qmodel, None, layer_names, batches, max_bytes=max_cache_bytes,
+                                         plan_model=fp_model)
+    if staged is None:
+        _logger.info("per-layer bias correction runs the whole prefix per layer: %s", why)
+    try:
+        for name in progress_bar(layer_names, desc="bias correction", disable=not progress, leave=False):
+            layer = qmodel.get_submodule(name)
+            q_mean = _ChannelMean(conv[name])
+            if staged is not None:
+                staged.observe(name, q_mean.add)
+            else:
+                capture_layer_outputs(qmodel, name, batches, q_mean.add)
+            delta = (fp_means[name] - q_mean.mean).to(layer.bias.dtype).to(layer.bias.device)
+            layer.bias.add_(delta)
+            shifts[name] = delta.abs().mean().item()
+    finally:
+        if staged is not None:
+            staged.close()
     return shifts
 
 

@@ -1,0 +1,59 @@
+"""Prepare a model for quantization: copy, fold BatchNorms, plan bits, swap in quantized modules.
+
+This is the first step of every pipeline (:func:`hf_adaquant.quantize`) and of the sensitivity measurement of bit
+allocation (:func:`hf_adaquant.allocation.measure_sensitivity`), so it lives below both.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config import AdaQuantConfig
+from ..nn import quantize_module
+from ..nn.qembedding import quantize_embeddings_
+from ..utils.batches import Batch
+from .find_layers import LayerInfo, check_no_meta_tensors, plan_layer_bits, trace_layers
+from .fold_bn import FoldResult, fold_batchnorms
+
+__all__ = ["PreparedModel", "prepare_model"]
+
+
+@dataclass
+class PreparedModel:
+    """A folded FP reference model and its quantized twin (quantizers not yet calibrated)."""
+
+    fp_model: nn.Module
+    qmodel: nn.Module
+    layers: list[LayerInfo]
+    plan: dict[str, tuple[int, int | None]]
+    fold: FoldResult
+
+
+def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
+    """Copy ``model`` (never mutated), fold its BatchNorms, wrap the planned layers with quantizers and put the
+    embedding tables on their ``embedding_bits`` grid."""
+    check_no_meta_tensors(model)
+    fp_model = copy.deepcopy(model).eval()
+    fold = fold_batchnorms(fp_model, example_batch)  # each fold verified against the unfolded model on it
+    for p in fp_model.parameters():
+        p.requires_grad_(False)
+    layers = trace_layers(fp_model, example_batch)
+    plan = plan_layer_bits(layers, config.weight_bits, config.activation_bits,
+                           first_last_bits=config.first_last_bits, include=config.include,
+                           exclude=config.exclude, overrides=config.layer_bits)
+    qmodel = copy.deepcopy(fp_model)
+    for name, (wbits, abits) in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        qlayer = quantize_module(getattr(parent, child), wbits, abits, weight_symmetric=config.weight_symmetric,
+                                 activation_symmetric=config.activation_symmetric)
+        qlayer.output_activation = fold.output_activations.get(name)
+        qlayer.bn_target = fold.bn_targets.get(name)
+        setattr(parent, child, qlayer)
+    if config.embedding_bits is not None:
+        # before any calibration: every later stage then sees (and compensates) the stored tables' error
+        quantize_embeddings_(qmodel, config.embedding_bits, config.exclude)
+    return PreparedModel(fp_model, qmodel, layers, plan, fold)
