@@ -11,6 +11,7 @@ from torch import nn
 from .nn import QModuleMixin
 from .quant import NonFiniteValuesError, RangeObserver, compute_range
 from .utils.batches import Batch, call_model
+from .utils.hooks import hooks
 from .utils.logging import progress_bar
 
 __all__ = ["calibrate_activation_ranges", "init_weight_range", "qmodules", "quantization_disabled"]
@@ -74,17 +75,13 @@ def calibrate_activation_ranges(
             message = f"input of {_layer_label(name)} on calibration batch {current[0]}: {e}"
             raise NonFiniteValuesError(message) from None
 
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in layers.items()]
-    try:
-        with quantization_disabled(model):
-            for index, batch in enumerate(progress_bar(batches, desc="calibrating ranges", disable=not progress,
-                                               leave=False)):
-                current[0] = index
-                # the observers' error already names the layer and this batch
-                call_model(model, batch, index, passthrough=(NonFiniteValuesError,))
-    finally:
-        for h in handles:
-            h.remove()
+    observing = ((m, lambda mod, args, n=n: observe(n, args[0])) for n, m in layers.items())
+    with hooks(observing, "pre"), quantization_disabled(model):
+        for index, batch in enumerate(progress_bar(batches, desc="calibrating ranges", disable=not progress,
+                                           leave=False)):
+            current[0] = index
+            # the observers' error already names the layer and this batch
+            call_model(model, batch, index, passthrough=(NonFiniteValuesError,))
     for name, layer in layers.items():
         q = layer.input_quantizer
         try:

@@ -21,6 +21,7 @@ __all__ = ["AdaQuantConfig", "CONFIG_VERSION", "FLOAT_FIELDS"]
 CONFIG_VERSION = 1
 PIPELINES = ("light", "advanced")
 VARIANTS = ("sequential", "parallel")
+RECONSTRUCTIONS = ("layer", "block")
 BIAS_CORRECTION_METHODS = ("single_pass", "per_layer")
 
 
@@ -30,7 +31,7 @@ _INT_FIELDS = {"iterations": 0, "batch_size": 1, "max_step_elements": 1, "bias_t
                "version": 1, "num_samples": 1, "max_length": 1, "calibration_batch_size": 1}  # name: minimum
 _OPTIONAL_INT_FIELDS = {"max_calibration_samples": 1}
 NON_NEGATIVE_FLOAT_FIELDS = ("lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale", "lr_zero_point",
-                             "rounding_regularization", "lr_rounding", "bias_tuning_lr")
+                             "rounding_regularization", "lr_rounding", "bias_tuning_lr", "activation_drop")
 POSITIVE_OPTIONAL_FLOAT_FIELDS = ("weight_deviation_limit", "size_budget", "bops_budget")
 FLOAT_FIELDS = NON_NEGATIVE_FLOAT_FIELDS + POSITIVE_OPTIONAL_FLOAT_FIELDS
 """Fields holding real numbers: text front ends (recipes, ``--set``) convert ``"1e-3"`` strings for these."""
@@ -41,7 +42,7 @@ _STR_FIELDS = {"dataset_split": False, "dataset_config_name": True, "text_column
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """Enum fields and their accepted values (range methods can be registered at run time)."""
-    return {"pipeline": PIPELINES, "variant": VARIANTS,
+    return {"pipeline": PIPELINES, "variant": VARIANTS, "reconstruction": RECONSTRUCTIONS,
             "weight_range_method": tuple(sorted(RANGE_METHODS)),
             "activation_range_method": tuple(sorted(RANGE_METHODS)) + ("mean_minmax",),
             "weight_rounding": ("auto", "free", "learned"), "bias_correction_method": BIAS_CORRECTION_METHODS,
@@ -155,6 +156,18 @@ class AdaQuantConfig(QuantizationConfigMixin):
         up or down, AdaRound-style; far fewer effective degrees of freedom) or "auto" (learned for layers at
         <= 3 weight bits, where free W' overfits; free otherwise), with
         rounding_regularization (weight of the push-to-0/1 term) and lr_rounding (Adam lr of the rounding logits).
+        reconstruction: what AdaQuant fits to the FP model. "layer" (the paper's): each layer's output, layer by
+        layer. "block" (BRECQ-style, sequential variant only): all quantized layers of a stage of the staged engine
+        (a residual block, a transformer layer; see :mod:`hf_adaquant.adaquant.stages`) jointly, with the same
+        parameters, on the MSE of the block's output against the FP block's output, the block's inputs coming
+        from the quantized prefix; layers before the first / after the last block stay per layer. Block mode
+        always uses the staged engine (whatever ``staged_propagation`` says) and falls back to "layer", with a
+        warning saying why, on a model whose blocks do not form a chain.
+        activation_drop: QDrop's drop probability ``p`` in [0, 1], block reconstruction only. While a block is
+        optimised, each element of each quantized layer's input is left in float with probability ``p`` and
+        quantized otherwise (a fresh seeded mask every step): 0 quantizes every element (plain block
+        reconstruction, bitwise), 1 none; the paper's value is 0.5. Evaluations during the run and the final
+        model always quantize every element.
         bn_tuning, bias_correction (light), bias_tuning (advanced) switch the tuning stages.
         bias_correction_method: "single_pass" (every layer corrected inside one quantized pass per batch, with a
         running average across batches) or "per_layer" (exact, one pass per layer: cost grows with depth squared).
@@ -210,6 +223,8 @@ class AdaQuantConfig(QuantizationConfigMixin):
     lr_zero_point: float = 1e-2
     weight_deviation_limit: float | None = None
     weight_rounding: str = "auto"
+    reconstruction: str = "layer"
+    activation_drop: float = 0.0
     rounding_regularization: float = 0.01
     lr_rounding: float = 1e-1
     bn_tuning: bool = True
@@ -278,6 +293,7 @@ class AdaQuantConfig(QuantizationConfigMixin):
                 raise _wrong_type(name, "a string" + (" or None" if optional else ""), value)
         self._validate_bits()
         self._validate_budget()
+        self._validate_reconstruction()
         if self.quant_method != "adaquant":
             raise ValueError(f"quant_method must be 'adaquant', got {self.quant_method!r}")
         if self.version > CONFIG_VERSION:
@@ -317,6 +333,19 @@ class AdaQuantConfig(QuantizationConfigMixin):
                              "bits of the layers it names, so the budget would be ignored. To fix some layers "
                              "inside a budget use pinned_layers={name: (weight_bits, activation_bits)}; "
                              "otherwise drop the budget or layer_bits")
+
+    def _validate_reconstruction(self) -> None:
+        if self.activation_drop > 1:
+            raise ValueError(f"activation_drop must be a finite number in [0, 1] (the probability of leaving an "
+                             f"activation element in float), got {self.activation_drop!r}")
+        if self.reconstruction == "block" and self.variant != "sequential":
+            raise ValueError("reconstruction='block' needs variant='sequential' (block inputs come from the "
+                             f"quantized prefix), got variant={self.variant!r}; accepted reconstructions with the "
+                             "parallel variant: ['layer']")
+        if self.activation_drop > 0 and self.reconstruction != "block":
+            raise ValueError(f"activation_drop={self.activation_drop!r} applies to reconstruction='block' only "
+                             f"(got reconstruction={self.reconstruction!r}); accepted: reconstruction='block', "
+                             "or activation_drop=0.0")
 
     @property
     def has_budget(self) -> bool:

@@ -26,6 +26,7 @@ from .prepare.find_layers import check_no_meta_tensors
 from .report import QuantizationReport
 from .tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 from .utils.batches import Batch, batch_size, materialize_batches, split_batches
+from .utils.profiling import current_profile
 from .utils.seeding import seed_everything
 
 # PreparedModel / prepare_model (prepare/) and QuantizationReport (report.py) are re-exported: their home before.
@@ -66,6 +67,8 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         nonlocal clock
         now = time.perf_counter()
         timings[stage] = now - clock
+        if (profile := current_profile()) is not None:  # the top-level stages beside the per-layer phases
+            profile.add_seconds(f"pipeline/{stage}", now - clock)
         clock = now
 
     seed_everything(config.seed)
@@ -120,6 +123,8 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
     for p in qmodel.parameters():
         p.requires_grad_(False)
     report.stage_seconds = timings
+    if (profile := current_profile()) is not None:
+        report.profile = profile.to_dict()
     qmodel.hf_adaquant_report = report
     for finalize in list(_MODEL_FINALIZERS.values()):
         finalize(qmodel)

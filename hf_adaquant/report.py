@@ -22,6 +22,7 @@ class QuantizationReport:
     bn_tuned_layers: list[str] = field(default_factory=list)
     allocation: dict | None = None  # Allocation.to_dict() when the bits came from a size/BOPs budget
     folded_batchnorms: dict[str, str] = field(default_factory=dict)  # BN name -> conv (to rebuild checkpoints)
+    profile: dict | None = None  # RunProfile.to_dict() when the run ran inside hf_adaquant.utils.profiling.profiling()
 
     def to_dict(self) -> dict:
         return asdict(self)

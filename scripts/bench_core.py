@@ -29,6 +29,7 @@ from hf_adaquant import AdaQuantConfig, quantize
 from hf_adaquant.data import efficientnet_lite0_transform, load_cifar10_npz, load_imagenet_tensors, shared_dir
 from hf_adaquant.evaluation import evaluate_classifier
 from hf_adaquant.size import model_size
+from hf_adaquant.utils.profiling import profiling
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 METHODS = {
@@ -125,10 +126,13 @@ def run_single(args: argparse.Namespace) -> dict:
         overrides = json.loads(args.config) if args.config else {}
         config = AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=args.seed, progress=False,
                                 **{**METHODS[args.method], **overrides})
-        with StageRss() as rss:
+        with StageRss() as rss, profiling() as profile:
             start = time.perf_counter()
             qmodel = quantize(model, calib, config)
             result["seconds"] = time.perf_counter() - start
+        # where the time goes against its FLOP bound at this machine's measured throughput (issue #14)
+        print(profile.format_table(), file=sys.stderr)
+        result["profile"] = qmodel.hf_adaquant_report.profile
         result["stage_seconds"] = qmodel.hf_adaquant_report.stage_seconds
         result["stage_peak_rss_mib"] = rss.by_stage(start, result["stage_seconds"])
         result["config"] = config.to_dict()

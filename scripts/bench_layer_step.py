@@ -26,7 +26,7 @@ from hf_adaquant import AdaQuantConfig
 from hf_adaquant.adaquant.cache import IOCache
 from hf_adaquant.adaquant.layerwise import optimize_layer
 from hf_adaquant.nn import quantize_module
-from hf_adaquant.utils.profiling import RunProfile, layer_flops, measure_throughput
+from hf_adaquant.utils.profiling import RunProfile, measure_throughput
 from hf_adaquant.utils.seeding import make_generator
 
 

@@ -12,7 +12,7 @@ Rows go to ``benchmarks/results/peers.{json,md}`` (``peers_smoke`` with ``--smok
 
 Usage:
     python scripts/bench_peers.py                                   # both peers, ResNet-20/56, W4A8 + W4A4
-    python scripts/bench_peers.py --same-time                       # peer iterations matched to our time
+    python scripts/bench_peers.py --same-time                       # iterations matched to our time (extra rows)
     python scripts/bench_peers.py --smoke --models resnet20 --settings W4A4 --aimet-iterations 10 \
         --brevitas-iterations 10 --limit 500 --threads 1
 """
@@ -54,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Brevitas range method for weights and activations (stats: min-max weights, "
                         "99.999th-percentile activations)")
     p.add_argument("--same-time", action="store_true",
-                   help="set each peer's iterations so its run takes about as long as ours (probed); the "
-                        "rows are recorded with budget 'same-time' besides the fixed-iteration ones")
-    p.add_argument("--probe-iterations", nargs=2, type=_positive, default=[5, 25], metavar=("LOW", "HIGH"),
-                   help="iteration counts of the two timed probes behind --same-time")
+                   help="instead of --*-iterations, set each peer's iterations so that its run takes about as "
+                        "long as ours (from two timed probes); rows get budget 'same-time' and sit beside the "
+                        "'same-iterations' rows of a plain run")
+    p.add_argument("--probe-iterations", nargs=2, type=_positive, default=[20, 200], metavar=("LOW", "HIGH"),
+                   help="iteration counts of the two timed probes behind --same-time (far apart: at 1 thread a "
+                        "ResNet-20 iteration costs about 0.2-0.4 s over all layers, so a difference of a few tens of "
+                        "iterations is lost in the run-to-run noise)")
     p.add_argument("--calib", type=_positive, default=1000, help="calibration images (first N of calib.npz)")
     p.add_argument("--batch-size", type=_positive, default=32, help="calibration batch size of the peers")
     p.add_argument("--limit", type=_positive, default=None, help="evaluate on the first N test images only")
@@ -164,9 +167,10 @@ def run_worker(python: Path, peer: str, model: str, setting: str, iterations: in
     print(f"[{peer}] {model} {setting} iterations={iterations}{'' if evaluate else ' (probe)'} ...", flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    log = args.work / "logs" / f"{peer}-{model}-{setting}-{iterations}{'' if evaluate else '-probe'}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)  # the peers' own progress and warnings
     if out.returncode != 0 or line is None:
-        log = args.work / f"failed-{peer}-{model}-{setting}.log"
-        log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
         raise RuntimeError(f"{peer} {model} {setting} failed (exit {out.returncode}); full log: {log}\n"
                            + out.stderr[-3000:])
     return json.loads(line[len("RESULT "):])
@@ -181,6 +185,35 @@ def same_time_iterations(python: Path, peer: str, model: str, setting: str, targ
         probes.append((n, res["seconds"]))
         print(f"[{peer}] probe {n} iterations: {res['seconds']:.1f}s", flush=True)
     return iterations_for_time(target, probes), probes
+
+
+def run_one(python: Path, peer: str, model: str, setting: str, args: argparse.Namespace, calib: Path, test: Path,
+            ours: list[dict], path: Path, title: str, commit: str) -> None:
+    """One (peer, model, setting) row: fixed iterations, or with --same-time the count matching our time."""
+    iterations = {"aimet": args.aimet_iterations, "brevitas": args.brevitas_iterations}[peer]
+    budget, extra = "same-iterations", None
+    if args.same_time:
+        target = next((r for r in ours if (r["model"], r["setting"]) == (model, setting)), None)
+        if target is None or not target.get("seconds"):
+            raise RuntimeError(f"no timed row of ours for {model} {setting} in core_{model}.json to match")
+        iterations, probes = same_time_iterations(python, peer, model, setting, target["seconds"], args, calib,
+                                                  test)
+        budget = "same-time"
+        extra = {"target_seconds": target["seconds"], "target_threads": target["threads"],
+                 "probes_iterations_seconds": probes}
+        print(f"[{peer}] {model} {setting}: {iterations} iterations should take about {target['seconds']:.0f}s",
+              flush=True)
+    load_start = os.getloadavg()[0]
+    res = run_worker(python, peer, model, setting, iterations, args, calib, test)
+    row = {"peer": peer, "method": METHOD[peer], "model": model, "setting": setting, "budget": budget, **res,
+           "load_average_1min_start": load_start, "load_average_1min": os.getloadavg()[0], "commit": commit,
+           "smoke": args.smoke, "seed": args.seed}
+    if extra:
+        row["same_time"] = extra
+    save_row(path, title, ours, row)
+    print(f"[{peer}] {model} {setting} {budget}: top1={res['top1']:.2f} (FP32 folded "
+          f"{res['fp32_folded_top1']:.2f}, agreement {res['agreement_with_fp32']:.1f}%) t={res['seconds']:.1f}s "
+          f"iterations={iterations}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,33 +231,18 @@ def main(argv: list[str] | None = None) -> None:
     ours = ours_rows(RESULTS, args.models, args.settings, repo_root=ROOT)
     save_row(path, title, ours, None)
     commit = git_commit()
+    failures = []
     for model in args.models:
         for setting in args.settings:
             for peer in args.peers:
-                budgets = [("same-iterations", {"aimet": args.aimet_iterations,
-                                                "brevitas": args.brevitas_iterations}[peer], None)]
-                if args.same_time:
-                    target = next((r["seconds"] for r in ours if (r["model"], r["setting"]) == (model, setting)),
-                                  None)
-                    if target is None:
-                        print(f"[{peer}] {model} {setting}: no row of ours to match in time; same-time skipped")
-                    else:
-                        n, probes = same_time_iterations(pythons[peer], peer, model, setting, target, args,
-                                                         calib, test)
-                        budgets.append(("same-time", n, {"target_seconds": target, "probes": probes}))
-                for budget, iterations, extra in budgets:
-                    res = run_worker(pythons[peer], peer, model, setting, iterations, args, calib, test)
-                    row = {"peer": peer, "method": METHOD[peer], "model": model, "setting": setting,
-                           "budget": budget, **res, "load_average_1min": os.getloadavg()[0], "commit": commit,
-                           "smoke": args.smoke, "seed": args.seed}
-                    if extra:
-                        row["same_time"] = extra
-                    save_row(path, title, ours, row)
-                    print(f"[{peer}] {model} {setting} {budget}: top1={res['top1']:.2f} "
-                          f"(FP32 folded {res['fp32_folded_top1']:.2f}, agreement {res['agreement_with_fp32']:.1f}%) "
-                          f"t={res['seconds']:.1f}s "
-                          f"iterations={iterations}", flush=True)
+                try:
+                    run_one(pythons[peer], peer, model, setting, args, calib, test, ours, path, title, commit)
+                except RuntimeError as e:  # keep going: one peer's failure must not cost the other rows
+                    print(f"[{peer}] {model} {setting} FAILED: {e}", file=sys.stderr, flush=True)
+                    failures.append(f"{peer} {model} {setting}")
     print(f"results: {path.relative_to(ROOT)} and {path.with_suffix('.md').relative_to(ROOT)}")
+    if failures:
+        raise SystemExit(f"failed runs: {failures} (logs under {args.work / 'logs'})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 The suite runs on small shared CPU machines. Intra-op threading is pinned to one thread (override with
 ``HF_ADAQUANT_TEST_THREADS``): with tiny tensors, several OpenMP threads competing with other processes for a
 couple of cores are an order of magnitude slower than one thread.
+
+Tests that take the ``device`` fixture run on CUDA when it is available (else the CPU); ``HF_ADAQUANT_TEST_DEVICE``
+(``cpu``, ``cuda``, ``cuda:1``...) overrides the choice.
 """
 
 from __future__ import annotations
@@ -111,6 +114,38 @@ def assert_state_dict_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+DEVICE_ENV = "HF_ADAQUANT_TEST_DEVICE"
+
+
+def resolve_test_device(environ: dict[str, str] | None = None) -> torch.device:
+    """The device for device-ready tests: ``$HF_ADAQUANT_TEST_DEVICE`` if set, else cuda when available, else cpu.
+
+    Raises:
+        ValueError: the variable names no device torch knows, or a CUDA device this machine does not have.
+    """
+    environ = os.environ if environ is None else environ
+    name = environ.get(DEVICE_ENV, "").strip()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{DEVICE_ENV}={name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{DEVICE_ENV}={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where device-ready tests put their modules and tensors (see :func:`resolve_test_device`)."""
+    try:
+        return resolve_test_device()
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

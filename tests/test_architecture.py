@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("serialization", ("serialization",)),
     # benchmark / example support (models, data sets, metrics, tasks): only the outer layer may use it
     ("support", ("models", "data", "metrics", "tasks", "evaluation")),
-    ("outer", ("integrations", "hub", "cli", "export", "recipes", "quantizer")),
+    ("outer", ("integrations", "hub", "cli", "cli_commands", "export", "recipes", "quantizer")),
     ("api", ("",)),  # hf_adaquant/__init__.py re-exports everything
 ]
 

@@ -139,3 +139,41 @@ def test_save_rows_writes_json_and_sorted_markdown(tmp_path):
     assert "| 88.12 |" in body[2] and "| 12.3 |" in body[2] and "| 2.50 |" in body[2]
     assert "| — |" in body[1]  # missing accuracy shown as a dash, not "None"
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_save_row_merges_with_rows_already_on_disk(tmp_path):
+    bp = _bench_peers()
+    path = tmp_path / "peers.json"
+    ours = [{"peer": "hf_adaquant", "model": "resnet20", "setting": "W4A4", "budget": "reference", "top1": 90.93}]
+    aimet = {"peer": "aimet", "model": "resnet20", "setting": "W4A4", "budget": "same-iterations", "top1": 90.6}
+    brevitas = {**aimet, "peer": "brevitas", "top1": 90.4}
+    bp.save_row(path, "t", ours, aimet)
+    bp.save_row(path, "t", ours, brevitas)  # a second run (or process) keeps the first one's row
+    bp.save_row(path, "t", ours, {**aimet, "top1": 91.0})  # a rerun replaces its own row
+    rows = json.loads(path.read_text())
+    assert [(r["peer"], r["top1"]) for r in rows] == [("hf_adaquant", 90.93), ("brevitas", 90.4), ("aimet", 91.0)]
+
+
+def test_same_time_run_probes_then_runs_at_the_matching_count(tmp_path, monkeypatch):
+    bp = _bench_peers()
+    calls = []
+
+    def fake_worker(python, peer, model, setting, iterations, args, calib, test, evaluate=True):
+        calls.append((iterations, evaluate))
+        res = {"seconds": 10.0 + 0.5 * iterations, "iterations": iterations}  # 10 s fixed + 0.5 s/iteration
+        if evaluate:
+            res.update(top1=90.0, fp32_folded_top1=91.0, agreement_with_fp32=95.0)
+        return res
+
+    monkeypatch.setattr(bp, "run_worker", fake_worker)
+    args = bp.build_parser().parse_args(["--same-time", "--peers", "aimet", "--probe-iterations", "5", "25"])
+    ours = [{"peer": "hf_adaquant", "model": "resnet20", "setting": "W4A4", "budget": "reference",
+             "seconds": 200.0, "threads": 2, "top1": 90.93}]
+    path = tmp_path / "peers.json"
+    bp.run_one(Path("python"), "aimet", "resnet20", "W4A4", args, tmp_path, tmp_path, ours, path, "t", "abc")
+    assert calls == [(5, False), (25, False), (380, True)]
+    row = json.loads(path.read_text())[-1]
+    assert (row["budget"], row["iterations"], row["seconds"]) == ("same-time", 380, 200.0)
+    assert row["same_time"]["target_seconds"] == 200.0
+    with pytest.raises(RuntimeError, match="no timed row of ours"):
+        bp.run_one(Path("python"), "aimet", "resnet56", "W4A4", args, tmp_path, tmp_path, ours, path, "t", "abc")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hf_adaquant.quant import Quantizer
-from hf_adaquant.quant.functional import _clamp_passes_bounds, fake_quantize, fake_quantize_reference, qrange
+from hf_adaquant.quant.functional import (_clamp_passes_bounds, fake_quantize, fake_quantize_reference,
+                                          qrange)
 
 
 def _grads(fn, x, scale, zp, g):

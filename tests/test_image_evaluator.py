@@ -17,7 +17,7 @@ from hf_adaquant import AdaQuantConfig, quantize
 from hf_adaquant.integrations.image_evaluator import (evaluate_image_classifier, image_label_mapping,
                                                       supports_image_evaluator)
 from hf_adaquant.recipes import build_calibration, build_evaluator, build_model, load_recipe
-from hf_adaquant.recipes import build as build_module
+from hf_adaquant.recipes import evaluate as evaluate_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,13 +98,13 @@ def _labelled_folder(root: Path, images: list[Image.Image], labels: list[int]) -
 
 def _spy(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = build_module.evaluate_image_classifier
+    real = evaluate_module.evaluate_image_classifier
 
     def spy(model, *args, **kwargs):
         calls.append(type(model).__name__)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(build_module, "evaluate_image_classifier", spy)
+    monkeypatch.setattr(evaluate_module, "evaluate_image_classifier", spy)
     return calls
 
 
@@ -170,10 +170,10 @@ def test_image_dataset_from_a_hub_style_dataset(tmp_path, monkeypatch, streaming
             image.save(tmp_path / "ds" / label / f"{i}.png")
     spec = {"source": "hf_image_dataset", "name": str(tmp_path / "ds"), "config": None, "split": "train",
             "streaming": streaming}
-    data = build_module._image_dataset(spec, 4)
+    data = evaluate_module._image_dataset(spec, 4)
     assert isinstance(data, datasets.Dataset) and len(data) == 4
     assert isinstance(data[0]["image"], Image.Image) and set(data["label"]) <= {0, 1}
-    assert len(build_module._image_dataset(spec, None)) == 6
+    assert len(evaluate_module._image_dataset(spec, None)) == 6
 
 
 def test_transformers_image_model_without_a_recipe(tmp_path):

@@ -187,3 +187,21 @@ def test_cpu_clock_profiles_pair_with_cpu_clock_throughputs() -> None:
         RunProfile(TP).merge(prof)
     with pytest.raises(ValueError, match="unknown clock 'gpu'"):
         RunProfile(clock="gpu")
+
+
+def test_quantize_inside_profiling_reports_its_phases_against_their_bound() -> None:
+    from conftest import make_batches, make_tiny_cnn
+    from hf_adaquant import AdaQuantConfig, quantize
+    from hf_adaquant.utils.profiling import profiling
+
+    batches = make_batches(2, 8)
+    config = AdaQuantConfig(weight_bits=4, activation_bits=8, pipeline="advanced", iterations=3, bias_tuning=False,
+                            bn_tuning=False, progress=False, seed=0)
+    with profiling() as prof:
+        qmodel = quantize(make_tiny_cnn(0, batches), batches, config)
+    rows = {r["phase"]: r for r in qmodel.hf_adaquant_report.profile["phases"]}
+    assert rows["optimisation"]["gflop"] > 0 and rows["optimisation"]["bound_s"] > 0
+    assert rows["optimisation"]["ratio"] == pytest.approx(rows["optimisation"]["measured_s"]
+                                                          / rows["optimisation"]["bound_s"])
+    assert rows["pipeline/adaquant"]["measured_s"] >= rows["optimisation"]["measured_s"]
+    assert quantize(make_tiny_cnn(0, batches), batches, config).hf_adaquant_report.profile is None  # off outside

@@ -20,12 +20,12 @@ def _grid_codes(y: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("signed", [False, True])
-def test_fake_quantize_output_lies_on_the_grid(bits: int, signed: bool) -> None:
+def test_fake_quantize_output_lies_on_the_grid(bits: int, signed: bool, device: torch.device) -> None:
     g = torch.Generator().manual_seed(bits)
     qmin, qmax = qrange(bits, signed)
-    scale = torch.tensor(0.37)
-    x = torch.randn(4000, generator=g) * 0.37 * 2 ** (bits - 1)
-    zp = torch.tensor(0.0 if signed else float(2 ** (bits - 1) - 1))
+    scale = torch.tensor(0.37, device=device)
+    x = (torch.randn(4000, generator=g) * 0.37 * 2 ** (bits - 1)).to(device)
+    zp = torch.tensor(0.0 if signed else float(2 ** (bits - 1) - 1), device=device)
     y = fake_quantize(x, scale, zp, qmin, qmax)
     q = _grid_codes(y, scale, zp)
     assert torch.allclose(q, q.round(), atol=1e-4), "outputs are not integer multiples of the step"
@@ -136,19 +136,20 @@ def test_quantizer_scale_gradient_sums_per_channel() -> None:
 # -------------------------------------------------------------------------------------- per channel / tensor
 
 
-def test_per_channel_equals_row_by_row_per_tensor() -> None:
+def test_per_channel_equals_row_by_row_per_tensor(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 3, 3, 3, generator=g) * torch.tensor([0.01, 0.1, 1.0, 5.0, 0.5, 2.0])[:, None, None, None]
-    pc = Quantizer(4, channel_axis=0, num_channels=6)
+    w = w.to(device)
+    pc = Quantizer(4, channel_axis=0, num_channels=6).to(device)
     flat = w.reshape(6, -1)
     pc.set_range(flat.amin(1), flat.amax(1))
     y = pc(w)
     for c in range(6):
-        pt = Quantizer(4)
+        pt = Quantizer(4).to(device)
         pt.set_range(flat[c].min().reshape(1), flat[c].max().reshape(1))
         assert torch.allclose(y[c], pt(w[c]), atol=1e-7), c
     # A single per-tensor grid wipes out the small channels; per-channel keeps them within half a step.
-    pt = Quantizer(4)
+    pt = Quantizer(4).to(device)
     pt.set_range(flat.min().reshape(1), flat.max().reshape(1))
     small_pc = (y[0] - w[0]).abs().max()
     small_pt = (pt(w)[0] - w[0]).abs().max()
@@ -259,10 +260,10 @@ def test_quantizer_before_set_range_raises() -> None:
     assert torch.equal(q(x), x)
 
 
-def test_int_codes_match_fake_quantize() -> None:
+def test_int_codes_match_fake_quantize(device: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(5, 20, generator=g)
-    q = Quantizer(3, channel_axis=0, num_channels=5)
+    w = torch.randn(5, 20, generator=g).to(device)
+    q = Quantizer(3, channel_axis=0, num_channels=5).to(device)
     q.set_range(w.amin(1) * 0.8, w.amax(1) * 0.8)
     codes = q.int_codes(w)
     assert torch.equal(codes, codes.round()) and codes.min() >= q.qmin and codes.max() <= q.qmax
@@ -397,3 +398,19 @@ def test_calibration_names_layer_and_batch_of_non_finite_activations() -> None:
         model[1].weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"weight range of layer '1'.*non-finite"):
         init_weight_range(model[1], "minmax", "1")
+
+
+# ------------------------------------------------------------------------------------------- test device
+
+
+def test_device_fixture_follows_the_override() -> None:
+    """``HF_ADAQUANT_TEST_DEVICE`` picks the device of device-ready tests; a bad value is a clear error."""
+    from conftest import DEVICE_ENV, resolve_test_device
+
+    assert resolve_test_device({DEVICE_ENV: "cpu"}) == torch.device("cpu")
+    default = resolve_test_device({})
+    assert default.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=DEVICE_ENV):
+        resolve_test_device({DEVICE_ENV: "not-a-device"})
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_test_device({DEVICE_ENV: f"cuda:{torch.cuda.device_count()}"})

@@ -230,7 +230,7 @@ def test_recipes_ship_as_package_data():
     and the repository folder is the same files (a link), so both spellings load the same recipe."""
     import importlib.resources
 
-    from hf_adaquant.recipes.schema import shipped_recipes
+    from hf_adaquant.recipes.loading import shipped_recipes
 
     folder = importlib.resources.files("hf_adaquant.recipes").joinpath("shipped")
     names = shipped_recipes()

@@ -19,7 +19,7 @@ from conftest import make_batches, make_tiny_cnn, randomize_batchnorms
 from hf_adaquant import AdaQuantConfig, load_quantized, quantize, save_quantized
 from hf_adaquant.nn import QModuleMixin
 from hf_adaquant.serialization import WEIGHTS_NAME, CheckpointError, pack_codes, packed_nbytes, unpack_codes
-from hf_adaquant.serialization import checkpoint
+from hf_adaquant.serialization import save as checkpoint_save
 from hf_adaquant.utils.files import TEMP_MARKER
 
 LIGHT = dict(pipeline="light", progress=False, seed=0)
@@ -281,7 +281,7 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(saved_tiny: Path, monk
         written.append(sorted(p.name for p in directory.iterdir()))
         raise RuntimeError("simulated failure after the weights")
 
-    monkeypatch.setattr(checkpoint, "_write_config", fail_after_weights)
+    monkeypatch.setattr(checkpoint_save, "_write_config", fail_after_weights)
     with pytest.raises(RuntimeError, match="simulated failure"):
         save_quantized(_second_model()[0], saved_tiny)
     assert WEIGHTS_NAME in written[0]  # the failure came after the new weights were written
@@ -379,7 +379,7 @@ def test_save_where_the_folder_cannot_be_swapped(saved_tiny: Path, monkeypatch: 
         def cannot_rename(staging, target):
             raise OSError(code, os.strerror(code), str(staging), None, str(target))
 
-        monkeypatch.setattr(checkpoint, "replace_directory", cannot_rename)
+        monkeypatch.setattr(checkpoint_save, "replace_directory", cannot_rename)
     save_quantized(second, saved_tiny)
     _assert_saved_in_place(saved_tiny, second, batches)
 
@@ -391,7 +391,7 @@ def test_save_errors_name_the_target_not_a_temporary(saved_tiny: Path, monkeypat
     def disk_full(tensors, path, layout=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint, "write_weights", disk_full)
+    monkeypatch.setattr(checkpoint_save, "write_weights", disk_full)
     with pytest.raises(OSError, match="No space left") as info:
         save_quantized(_second_model()[0], saved_tiny)
     assert str(saved_tiny) in str(info.value) and TEMP_MARKER not in str(info.value)

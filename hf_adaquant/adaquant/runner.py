@@ -9,6 +9,10 @@
 With a work dir, every finished layer is checkpointed atomically and a re-run skips it
 (:mod:`hf_adaquant.distributed.workdir`).
 
+With ``config.reconstruction="block"`` (sequential variant) the layers of each block of the stage plan are
+optimised together on the block's output (:mod:`hf_adaquant.adaquant.block`); stem and head layers, and every
+layer of a model without a plan (a warning says why), stay per layer.
+
 Sequential captures use staged propagation (:mod:`hf_adaquant.adaquant.staged`) when the model's blocks form a
 chain (O(depth) forward work), whole-model captures otherwise (the reason is logged). Every activation a run
 caches shares one memory budget (``config.max_cache_bytes``) and one spill directory, removed when the run ends
@@ -33,7 +37,7 @@ from ..prepare import LayerInfo
 from ..utils.batches import Batch, batch_size
 from ..utils.logging import progress_bar
 from ..utils.seeding import make_generator
-from . import layerwise
+from . import block, layerwise
 from .cache import capture_layer_io, capture_layers_io
 from .layerwise import LayerReport, layer_seed_salt
 from .spill import CacheBudget, SpillDir
@@ -52,9 +56,14 @@ def _cache_dtype(config: AdaQuantConfig) -> torch.dtype:
 
 
 def _resume(ctx: DistributedContext, work_dir: str | os.PathLike | None, qmodel: nn.Module, fp_model: nn.Module,
-            layer_names: Sequence[str], batches: Sequence[Batch],
-            config: AdaQuantConfig) -> tuple[WorkDir | None, dict[str, LayerReport]]:
-    """Open (or create) the work dir on rank 0 and load its finished layers into ``qmodel`` on every rank."""
+            layer_names: Sequence[str], batches: Sequence[Batch], config: AdaQuantConfig,
+            units: Sequence[list[str]] | None = None) -> tuple[WorkDir | None, dict[str, LayerReport]]:
+    """Open (or create) the work dir on rank 0 and load its finished layers into ``qmodel`` on every rank.
+
+    With ``units`` (block reconstruction's groups of jointly optimised layers) a group counts as finished only
+    when all its layers are: a run killed while checkpointing a block redoes the whole block, from the layers'
+    initial states, so the resumed result is bitwise the uninterrupted one.
+    """
     if work_dir is None:
         return None, {}
     store = WorkDir(work_dir)
@@ -68,6 +77,13 @@ def _resume(ctx: DistributedContext, work_dir: str | os.PathLike | None, qmodel:
             error = e
     ctx.sync_failure(error, "checking the work dir")
     finished = ctx.broadcast_object(finished)
+    if units is not None:
+        complete = {name for unit in units if all(n in finished for n in unit) for name in unit}
+        partial = sorted(set(finished) - complete)
+        if partial:
+            _logger.info("work dir %s: block of %s was only partly checkpointed, optimising it again", work_dir,
+                         partial)
+        finished = [name for name in finished if name in complete]
     done = {name: LayerReport(**store.load_layer(name, qmodel.get_submodule(name))) for name in finished}
     if done:
         _logger.info("resuming from %s: %d of %d layers already done", work_dir, len(done), len(layer_names))
@@ -163,19 +179,75 @@ def _stage_plan(ctx: DistributedContext, fp_model: nn.Module, layer_names: Seque
     return plan
 
 
+def _block_units(plan: StagePlan, layer_names: Sequence[str]) -> list[list[str]]:
+    """Groups optimised together in block mode: the layers of each block; stem and head layers one by one."""
+    units: list[list[str]] = []
+    previous = None
+    for name in layer_names:
+        stage = plan.stage_of[name]
+        inside = 0 <= stage < plan.head
+        if inside and stage == previous:
+            units[-1].append(name)
+        else:
+            units.append([name])
+        previous = stage if inside else None
+    return units
+
+
+def _block_plan(ctx: DistributedContext, fp_model: nn.Module, layer_names: Sequence[str], batches: Sequence[Batch],
+                config: AdaQuantConfig) -> StagePlan | None:
+    """The stage plan block reconstruction runs on, or None (per-layer reconstruction; the reason is logged)."""
+    if config.reconstruction != "block" or not layer_names:
+        return None
+    if ctx.is_distributed:  # every rank raises alike (config only)
+        raise ValueError("reconstruction='block' does not run under a distributed launch yet (the ranks would have "
+                         "to split each block's steps); accepted there: reconstruction='layer'")
+    plan, why = find_stage_plan(fp_model, layer_names, batches[0])
+    if plan is None:
+        _logger.warning("reconstruction='block' falls back to per-layer reconstruction for this model: its blocks "
+                        "do not form a chain the staged engine can replay (%s)", why)
+    return plan
+
+
+def _run_block(qmodel: nn.Module, plan: StagePlan, staged: StagedRunner, unit: list[str], config: AdaQuantConfig,
+               store: WorkDir | None) -> list[LayerReport]:
+    stage = plan.stage_of[unit[0]]
+    block_name = plan.blocks[stage]
+    salt = layer_seed_salt(block_name)
+    layers = {name: qmodel.get_submodule(name) for name in unit}
+    reports = block.optimize_block(qmodel.get_submodule(block_name), layers, staged, stage, config,
+                                   make_generator(config.seed, salt), make_generator(config.seed, salt, 1),
+                                   name=block_name)
+    if store is not None:  # layer by layer; a block counts as finished once all its layers are (see _resume)
+        for name, report in zip(unit, reports):
+            store.save_layer(name, layers[name], report.to_dict())
+    return reports
+
+
 def _run_sequential(ctx: DistributedContext, qmodel: nn.Module, fp_model: nn.Module, layer_names: Sequence[str],
                     todo: Sequence[str], batches: Sequence[Batch], config: AdaQuantConfig, store: WorkDir | None,
-                    bar: tqdm, budget: CacheBudget, spill: SpillDir) -> dict[str, LayerReport]:
+                    bar: tqdm, budget: CacheBudget, spill: SpillDir,
+                    block_plan: StagePlan | None = None) -> dict[str, LayerReport]:
     sync = DataParallelSync(ctx) if ctx.is_distributed else None
     local_batches = shard_batches(batches, ctx.rank, ctx.world_size) if sync is not None else list(batches)
     results: dict[str, LayerReport] = {}
     if not todo:
         return results
-    plan = _stage_plan(ctx, fp_model, layer_names, local_batches, config)
+    plan = block_plan or _stage_plan(ctx, fp_model, layer_names, local_batches, config)
     staged = None if plan is None else StagedRunner(plan, qmodel, fp_model, local_batches,
                                                     dtype=_cache_dtype(config), budget=budget, spill=spill)
+    units = [[name] for name in todo] if block_plan is None else [
+        u for u in _block_units(block_plan, layer_names) if u[0] in todo]
     try:
-        for name in todo:  # execution order; finished layers are already loaded, so the prefix is right
+        for unit in units:  # execution order; finished layers are already loaded, so the prefix is right
+            if block_plan is not None and 0 <= block_plan.stage_of[unit[0]] < block_plan.head:
+                for report in _run_block(qmodel, block_plan, staged, unit, config, store):
+                    results[report.name] = report
+                    bar.update(1)
+                bar.set_postfix_str(f"{unit[0]}.. mse {report.mse_before:.3g}->{report.mse_after:.3g}")
+                _logger.debug("%s", report)
+                continue
+            name = unit[0]
             layer = qmodel.get_submodule(name)
             error, cache = None, None
             try:
@@ -250,7 +322,9 @@ def run_layers(
     """
     ctx = context or get_context()
     ctx.new_session()
-    store, done = _resume(ctx, work_dir, qmodel, fp_model, layer_names, batches, config)
+    block_plan = _block_plan(ctx, fp_model, layer_names, batches, config)
+    units = None if block_plan is None else _block_units(block_plan, layer_names)
+    store, done = _resume(ctx, work_dir, qmodel, fp_model, layer_names, batches, config, units)
     todo = [name for name in layer_names if name not in done]
     bar = progress_bar(total=len(layer_names), initial=len(done), desc=f"AdaQuant ({config.variant})",
                        disable=not config.progress or not ctx.is_main)
@@ -262,7 +336,7 @@ def run_layers(
                                 budget, spill)
         else:
             new = _run_sequential(ctx, qmodel, fp_model, layer_names, todo, batches, config, store, bar, budget,
-                                  spill)
+                                  spill, block_plan)
     finally:  # success, failure or Ctrl-C: no spill file outlives the run
         spill.close()
         bar.close()

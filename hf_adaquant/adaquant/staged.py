@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..utils.batches import Batch, CalibrationBatchError
 from .cache import IOCache, NonFiniteActivationError, _StopForward, capture_with, model_calls
@@ -70,6 +71,7 @@ class StagedRunner:
         self.fp = _Side(fp_model, "FP", budget, spill) if fp_model is not None else None
         self.sides = [s for s in (self.q, self.fp) if s is not None]
         self.position: int | None = None  # boundary = inputs of this block (None: the stem has not run yet)
+        self._fp_ahead: tuple[int, TreeStore] | None = None  # FP outputs of the current block, computed early
         self._modes = [(s.model, s.model.training) for s in self.sides]
         self._owns_spill = False
         for side in self.sides:
@@ -100,6 +102,9 @@ class StagedRunner:
     def close(self) -> None:
         for side in self.sides:
             side.clear()
+        if self._fp_ahead is not None:
+            self._fp_ahead[1].clear()
+            self._fp_ahead = None
         if self._owns_spill:
             self.spill.close()
         for model, training in self._modes:
@@ -171,7 +176,7 @@ class StagedRunner:
             handle.remove()
 
     @torch.no_grad()
-    def _run_block(self, side: _Side, i: int) -> None:
+    def _compute_block(self, side: _Side, i: int) -> TreeStore:
         outputs = side.store(f"outputs of block {self.plan.blocks[i]!r}")
         try:
             for index, call in enumerate(self._block_calls(side, i)):
@@ -179,6 +184,14 @@ class StagedRunner:
         except BaseException:
             outputs.clear()
             raise
+        return outputs
+
+    def _run_block(self, side: _Side, i: int) -> None:
+        ahead = self._fp_ahead
+        if side is self.fp and ahead is not None and ahead[0] == i:  # computed already by fp_block_outputs()
+            outputs, self._fp_ahead = ahead[1], None
+        else:
+            outputs = self._compute_block(side, i)
         if side.previous is not None:
             side.previous.clear()
         side.previous = outputs
@@ -208,6 +221,37 @@ class StagedRunner:
             for side in self.sides:
                 self._run_block(side, self.position)
             self.position += 1
+
+    # ------------------------------------------------------------------------------ block reconstruction
+
+    def _at_block(self, i: int) -> None:
+        if not 0 <= i < self.plan.head:
+            raise ValueError(f"stage {i} is not a block (blocks 0..{self.plan.head - 1})")
+        self.advance_to(i)
+        if self.position != i:
+            raise RuntimeError(f"block {self.plan.blocks[i]!r} is already passed: blocks must come in order")
+
+    def block_inputs(self, i: int, index: int, device: torch.device | None = None) -> tuple[tuple, dict]:
+        """Block ``i``'s ``(args, kwargs)`` on calibration batch ``index`` in the quantized model (as optimised
+        so far); the boundaries advance to block ``i`` first. Fresh tensors: the caller may modify them."""
+        self._at_block(i)
+        args, kwargs = self._block_inputs(self.q, i, index)
+        if device is not None:
+            args, kwargs = pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v,
+                                           (args, kwargs))
+        return args, kwargs
+
+    def fp_block_outputs(self, i: int) -> TreeStore:
+        """Block ``i``'s outputs in the FP model, one structure per batch (block reconstruction's targets).
+
+        Computed once: advancing past block ``i`` reuses them as the FP boundary instead of running it again.
+        """
+        if self.fp is None:
+            raise RuntimeError("fp_block_outputs() needs a runner with an FP model")
+        self._at_block(i)
+        if self._fp_ahead is None or self._fp_ahead[0] != i:
+            self._fp_ahead = (i, self._compute_block(self.fp, i))
+        return self._fp_ahead[1]
 
     # -------------------------------------------------------------------------------------------- captures
 

@@ -2,7 +2,8 @@
 
 ``problem`` holds the types (options, problem, allocation), ``units`` the size/BOPs units and totals, ``presolve``
 the exact reductions and ``solver`` the MILP (pure numpy/scipy; ``ilp`` re-exports the four); ``budget`` maps a
-config to options, pins and budgets; ``sensitivity`` measures the per-layer, per-option criterion increases;
+config to options, pins and budgets; ``sensitivity`` measures the per-layer, per-option criterion increases
+(``criteria``: KL / MSE / task loss against the FP model; ``sensitivity_cache``: the fingerprinted JSON cache);
 ``pareto`` plots sweeps. The sweep itself quantizes, so it is a pipeline verb: :func:`hf_adaquant.sweep.pareto_sweep`.
 """
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from ..utils.files import atomic_path
 from .budget import allocation_to_layer_bits, bits_of_option
 from .ilp import Allocation, BitOption
 
@@ -17,6 +19,12 @@ __all__ = ["plot_bits_per_layer", "plot_pareto"]
 # ----------------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _save(fig: Any, path: str | os.PathLike) -> None:
+    """Write ``fig`` atomically; the format comes from ``path``'s extension (the temporary name has none)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
@@ -57,7 +65,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, y
         ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=120)
+    _save(fig, path)
 
 
 def _assignment_bits(allocation: Allocation | Mapping[str, Any]) -> dict[str, tuple[int, int | None]]:
@@ -102,4 +110,4 @@ def plot_bits_per_layer(allocation: Allocation | Mapping[str, Any], path: str | 
         ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right", ncol=2)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=120)
+    _save(fig, path)

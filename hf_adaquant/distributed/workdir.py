@@ -34,6 +34,7 @@ from ..config import AdaQuantConfig
 from ..quant import Quantizer
 from ..utils.batches import Batch
 from ..utils.files import TEMP_MARKER, atomic_path, atomic_write_text, remove_stale_temporaries
+from ..utils.hashing import tensors_digest, update_framed
 
 __all__ = ["FORMAT_VERSION", "WorkDir", "WorkDirCorruptError", "WorkDirMismatchError", "layer_state",
            "load_layer_state", "run_fingerprint"]
@@ -56,12 +57,8 @@ class WorkDirCorruptError(ValueError):
 
 
 def _hash_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for key, t in items:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    # BLAKE2b-128 in the order given: the layout fingerprints of existing work dirs were written with
+    return tensors_digest(items, algorithm="blake2b", digest_size=16, sort=False)
 
 
 def _batch_items(i: int, batch: Batch) -> list[tuple[str, torch.Tensor]]:
@@ -134,9 +131,7 @@ def _layer_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     """SHA-256 of a layer file's content: every tensor (name, dtype, shape, bytes) and the metadata but itself."""
     h = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_framed(h, key, tensors[key])
     h.update(json.dumps({k: v for k, v in metadata.items() if k != _DIGEST_KEY}, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .checkpoint_info import _LAYER_BITS_KEYS, CheckpointInfo
+from .checkpoint_info import LAYER_BITS_KEYS, CheckpointInfo
 
 __all__ = ["build_model_card", "eval_results_to_card"]
 
@@ -202,7 +202,7 @@ def _settings_only(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            if key in _LAYER_BITS_KEYS or len(value) > _MAX_INLINE_TABLE:
+            if key in LAYER_BITS_KEYS or len(value) > _MAX_INLINE_TABLE:
                 out[key] = f"<{len(value)} entries>"
             else:
                 out[key] = _settings_only(value)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["EVAL_RESULTS_FILE", "RECIPE_FILE", "CheckpointInfo", "read_checkpoint_info", "layer_bits_from_config"]
+__all__ = ["EVAL_RESULTS_FILE", "LAYER_BITS_KEYS", "RECIPE_FILE", "CheckpointInfo", "layer_bits_from_config",
+           "read_checkpoint_info"]
 
 EVAL_RESULTS_FILE = "eval_results.json"
 """Side-car with ``{"task", "dataset": {...}, "fp32": {metric: value}, "quantized": {...}, "size": {...}}``."""
@@ -21,7 +22,7 @@ RECIPE_FILE = "recipe.yaml"
 
 # Keys under which a per-layer bit assignment may be stored in ``quantization_config`` (the serializer's
 # layout may evolve; the card only needs ``{layer: (weight_bits, activation_bits)}``).
-_LAYER_BITS_KEYS = ("plan", "layer_bits", "bits_per_layer", "per_layer_bits", "layers", "modules")
+LAYER_BITS_KEYS = ("plan", "layer_bits", "bits_per_layer", "per_layer_bits", "layers", "modules")
 
 
 @dataclass
@@ -78,7 +79,7 @@ def layer_bits_from_config(qcfg: Mapping[str, Any]) -> dict[str, tuple[int | Non
     nested = [v for v in qcfg.values() if isinstance(v, Mapping)]
     scopes: list[Mapping[str, Any]] = sorted(nested, key=lambda v: "layers" not in v) + [qcfg]
     for scope in scopes:
-        for key in _LAYER_BITS_KEYS:
+        for key in LAYER_BITS_KEYS:
             table = scope.get(key)
             if isinstance(table, Mapping) and table:
                 pairs = {str(name): _bits_pair(v) for name, v in table.items()}

@@ -44,7 +44,8 @@ from ..serialization.checkpoint import (CheckpointError, attach_report, check_we
                                         save_quantized, validate_layout, verify_layer_tensors)
 from ..serialization.embeddings import quantize_embedding_skeleton_
 from ..serialization.layout import (apply_signed, build_qmodule, layer_tensor_specs, replace_folded_batchnorms_,
-                                    set_submodule, unpack_layer)
+                                    unpack_layer)
+from ..utils.modules import set_submodule
 from .calibration import text_batches_from_config
 
 __all__ = ["AdaQuantHfQuantizer", "PackedQLayer", "QUANT_METHOD", "load_checkpoint", "mark_quantized", "register"]

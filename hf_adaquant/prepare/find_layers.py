@@ -12,6 +12,8 @@ from torch import nn
 
 from ..nn import QMODULES
 from ..utils.batches import Batch, call_model
+from ..utils.hooks import hooks
+from ..utils.modules import eval_mode
 
 __all__ = ["LayerInfo", "check_no_meta_tensors", "plan_layer_bits", "trace_layers"]
 
@@ -76,25 +78,20 @@ def trace_layers(model: nn.Module, batch: Batch) -> list[LayerInfo]:
     if unsupported:
         _logger.warning("layers of types %s have no quantized module registered and stay in float", unsupported)
     calls: dict[str, list[LayerInfo]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if type(module) in kinds:
-            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
-                calls.setdefault(name, []).append(LayerInfo(
-                    name=name, kind=type(mod).__name__, num_params=int(mod.weight.numel()), macs=_macs(mod, out),
-                    input_shape=tuple(args[0].shape[1:]), output_shape=tuple(out.shape[1:])))
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        call_model(model, batch)
-    except Exception as exc:
-        raise ValueError(f"the calibration batch does not fit the model (batch 0): {type(exc).__name__}: "
-                         f"{exc}") from exc
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+
+    def record(mod: nn.Module, args: tuple, out: torch.Tensor, name: str) -> None:
+        calls.setdefault(name, []).append(LayerInfo(
+            name=name, kind=type(mod).__name__, num_params=int(mod.weight.numel()), macs=_macs(mod, out),
+            input_shape=tuple(args[0].shape[1:]), output_shape=tuple(out.shape[1:])))
+
+    recording = ((module, lambda mod, args, out, name=name: record(mod, args, out, name))
+                 for name, module in model.named_modules() if type(module) in kinds)
+    with hooks(recording), eval_mode(model):
+        try:
+            call_model(model, batch)
+        except Exception as exc:
+            raise ValueError(f"the calibration batch does not fit the model (batch 0): {type(exc).__name__}: "
+                             f"{exc}") from exc
     shared = [n for n, c in calls.items() if len(c) > 1]
     if shared:
         _logger.warning("layers called more than once per forward are kept in float: %s", shared)

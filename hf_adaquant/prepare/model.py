@@ -15,6 +15,7 @@ from ..config import AdaQuantConfig
 from ..nn import quantize_module
 from ..nn.qembedding import quantize_embeddings_
 from ..utils.batches import Batch
+from ..utils.modules import set_submodule
 from .find_layers import LayerInfo, check_no_meta_tensors, plan_layer_bits, trace_layers
 from .fold_bn import FoldResult, fold_batchnorms
 
@@ -46,13 +47,11 @@ def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig
                            exclude=config.exclude, overrides=config.layer_bits)
     qmodel = copy.deepcopy(fp_model)
     for name, (wbits, abits) in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
-        qlayer = quantize_module(getattr(parent, child), wbits, abits, weight_symmetric=config.weight_symmetric,
+        qlayer = quantize_module(qmodel.get_submodule(name), wbits, abits, weight_symmetric=config.weight_symmetric,
                                  activation_symmetric=config.activation_symmetric)
         qlayer.output_activation = fold.output_activations.get(name)
         qlayer.bn_target = fold.bn_targets.get(name)
-        setattr(parent, child, qlayer)
+        set_submodule(qmodel, name, qlayer)
     if config.embedding_bits is not None:
         # before any calibration: every later stage then sees (and compensates) the stored tables' error
         quantize_embeddings_(qmodel, config.embedding_bits, config.exclude)

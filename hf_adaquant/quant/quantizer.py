@@ -7,9 +7,12 @@ from torch import nn
 
 from .functional import fake_quantize, qparams_from_range, qrange, quantize_to_int
 
-__all__ = ["Quantizer"]
+__all__ = ["MIN_STEP", "Quantizer"]
 
 MIN_BITS, MAX_BITS = 2, 8
+# Smallest step a quantizer uses: a step an optimizer pushed to <= 0 would flip or collapse the grid. Packed
+# checkpoints and exporters dequantize with the same clamp, so their values equal the fake-quantized ones.
+MIN_STEP = 1e-8
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -82,29 +85,34 @@ class Quantizer(nn.Module):
         self.zero_point.copy_(zero_point)
         self.initialized.fill_(True)
 
-    def _broadcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def broadcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``p`` (one value per channel, or one value) shaped to broadcast against ``x``."""
         if self.channel_axis is None:
             return p.reshape(())
         shape = [1] * x.dim()
         shape[self.channel_axis] = -1
         return p.reshape(shape)
 
-    def _step(self) -> torch.Tensor:
-        # A step that an optimizer pushed to <= 0 would flip or collapse the grid.
-        return self.scale.clamp(min=1e-8)
+    def step(self) -> torch.Tensor:
+        """The grid step actually used: ``scale`` clamped to at least :data:`MIN_STEP` (differentiable)."""
+        return self.scale.clamp(min=MIN_STEP)
+
+    # Former private names, still used by callers outside this package (adaquant/rounding.py).
+    _broadcast = broadcast
+    _step = step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         if not bool(self.initialized):
             raise RuntimeError("Quantizer used before its range was set (call calibrate/set_range first)")
-        scale = self._broadcast(self._step(), x).to(x.dtype)
-        zero_point = self._broadcast(self.zero_point, x).to(x.dtype)
+        scale = self.broadcast(self.step(), x).to(x.dtype)
+        zero_point = self.broadcast(self.zero_point, x).to(x.dtype)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
 
     @torch.no_grad()
     def int_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` on this grid (values in ``[qmin, qmax]``)."""
-        scale = self._broadcast(self._step(), x)
-        zero_point = self._broadcast(self.zero_point, x)
+        scale = self.broadcast(self.step(), x)
+        zero_point = self.broadcast(self.zero_point, x)
         return quantize_to_int(x, scale, zero_point, self.qmin, self.qmax)

@@ -1,4 +1,4 @@
-"""Turn a validated :class:`Recipe` into a model, calibration batches and an evaluator.
+"""Turn a validated :class:`Recipe` into a model and calibration batches (the evaluator: :mod:`.evaluate`).
 
 Reuses the project's loaders (``hf_adaquant.models``, ``hf_adaquant.data``, ``hf_adaquant.tasks.squad``); Hub
 models and ``datasets`` are only touched when a recipe names them (users online), never at import time.
@@ -18,14 +18,12 @@ from torch.utils.data import DataLoader
 
 from ..data import ImageFolderWithLabels, efficientnet_lite0_transform, load_cifar10_npz
 from ..integrations.calibration import load_calibration_dataset, model_input_names, tokenize_texts
-from ..integrations.image_evaluator import evaluate_image_classifier, supports_image_evaluator
-from ..metrics import load_metric
 from ..models import load_cifar_resnet, load_efficientnet_lite0
-from ..tasks.squad import SquadExample, evaluate_squad_model, load_squad_examples, squad_calibration_batches
-from ..utils.logging import progress_bar
+from ..tasks.squad import SquadExample, load_squad_examples, squad_calibration_batches
 from .schema import Recipe, RecipeError
 
-__all__ = ["BuiltModel", "Evaluator", "build_calibration", "build_evaluator", "build_model"]
+__all__ = ["BuiltModel", "build_calibration", "build_model", "get_image_processor", "image_batches", "preprocessing_of",
+           "squad_examples"]
 
 _logger = logging.getLogger(__name__)
 
@@ -95,14 +93,14 @@ def build_model(recipe: Recipe) -> BuiltModel:
     return BuiltModel(model=model.eval(), tokenizer=tokenizer)
 
 
-def _preprocessing(spec: dict[str, Any], recipe: Recipe) -> str:
+def preprocessing_of(spec: dict[str, Any], recipe: Recipe) -> str:
     """The data section's preprocessing, with ``auto`` resolved by the model's library."""
     if spec["preprocessing"] != "auto":
         return spec["preprocessing"]
     return "transformers" if recipe.model["source"] == "transformers" else "timm"
 
 
-def _image_processor(recipe: Recipe, built: BuiltModel) -> Any:
+def get_image_processor(recipe: Recipe, built: BuiltModel) -> Any:
     """The transformers model's ``AutoImageProcessor`` (loaded once, from the recipe's model id)."""
     if built.image_processor is None:
         if recipe.model["source"] != "transformers":
@@ -130,7 +128,7 @@ def _image_transform(preprocessing: str, recipe: Recipe, built: BuiltModel) -> C
     if preprocessing == "efficientnet_lite0":
         return efficientnet_lite0_transform()
     if preprocessing == "transformers":
-        return _ProcessorTransform(_image_processor(recipe, built))
+        return _ProcessorTransform(get_image_processor(recipe, built))
     import timm.data
 
     if getattr(built.model, "pretrained_cfg", None) is None:
@@ -139,7 +137,7 @@ def _image_transform(preprocessing: str, recipe: Recipe, built: BuiltModel) -> C
     return timm.data.create_transform(**timm.data.resolve_model_data_config(built.model), is_training=False)
 
 
-def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limit: int | None, batch_size: int, *,
+def image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limit: int | None, batch_size: int, *,
                    shuffle_seed: int | None = None, num_workers: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
     """``(x, y)`` batches of an image source, at most ``limit`` samples, decoded lazily (ImageNet val is big)."""
     source = spec["source"]
@@ -155,7 +153,7 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
         for i in range(0, n, batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
     elif source == "image_folder":
-        transform = _image_transform(_preprocessing(spec, recipe), recipe, built)
+        transform = _image_transform(preprocessing_of(spec, recipe), recipe, built)
         ds = ImageFolderWithLabels(spec["path"], transform=transform, limit=limit)
         if len(ds) == 0:
             raise RecipeError(f"{spec['path']} lists no images in labels.csv")
@@ -167,7 +165,7 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
         ds = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"], streaming=spec["streaming"])
         if shuffle_seed is not None:
             ds = ds.shuffle(seed=shuffle_seed, **({"buffer_size": 10_000} if spec["streaming"] else {}))
-        transform = _image_transform(_preprocessing(spec, recipe), recipe, built)
+        transform = _image_transform(preprocessing_of(spec, recipe), recipe, built)
         rows = iter(ds) if limit is None else itertools.islice(ds, limit)
         while chunk := list(itertools.islice(rows, batch_size)):
             # calibration needs no labels: an unlabeled image folder gives -1
@@ -175,7 +173,8 @@ def _image_batches(spec: dict[str, Any], recipe: Recipe, built: BuiltModel, limi
                    torch.tensor([int(r.get(spec["label_column"], -1)) for r in chunk]))
 
 
-def _squad_examples(spec: dict[str, Any], limit: int | None) -> list:
+def squad_examples(spec: dict[str, Any], limit: int | None) -> list:
+    """The SQuAD examples of a data section (local JSON or a Hub dataset), at most ``limit``."""
     if spec["source"] == "squad_json":
         examples = load_squad_examples(spec["path"], articles=spec["articles"])
     else:
@@ -212,120 +211,13 @@ def build_calibration(recipe: Recipe, built: BuiltModel) -> list[Any]:
     if spec["source"] in ("squad_json", "hf_squad"):
         if built.tokenizer is None:
             raise RecipeError("SQuAD calibration data needs a transformers model with a tokenizer")
-        return squad_calibration_batches(_squad_examples(spec, None), built.tokenizer, spec["num_samples"],
+        return squad_calibration_batches(squad_examples(spec, None), built.tokenizer, spec["num_samples"],
                                          spec["batch_size"], max_length=spec["max_length"], stride=spec["stride"],
                                          seed=seed)
     if spec["source"] == "text":
         return _text_batches(spec, built, seed)
-    batches = [x for x, _ in _image_batches(spec, recipe, built, spec["num_samples"], spec["batch_size"],
+    batches = [x for x, _ in image_batches(spec, recipe, built, spec["num_samples"], spec["batch_size"],
                                             shuffle_seed=seed)]
     if not batches:
         raise RecipeError("calibration data is empty")
     return batches
-
-
-@dataclass
-class Evaluator:
-    """Scores models on the recipe's evaluation data in ``evaluate``'s format.
-
-    Image classification gives ``{"accuracy": fraction}``, question answering ``{"exact_match", "f1"}`` in percent,
-    both computed by our ``evaluate`` modules (``hf_adaquant.metrics``: ``top1_accuracy``, ``squad``).
-    """
-
-    recipe: Recipe
-    built: BuiltModel
-
-    num_evaluated: int | None = None  # samples (images or questions) scored by the last call
-
-    @property
-    def dataset(self) -> dict[str, Any]:
-        """How the card and the results JSON describe the evaluation data."""
-        spec = self.recipe.evaluation or {}
-        source = spec["source"]
-        default_name = spec.get("name") or (spec["path"].name if spec.get("path") is not None else source)
-        default_type = {"cifar10_npz": "cifar10", "squad_json": "squad", "hf_squad": "squad"}.get(source,
-                                                                                                   default_name)
-        split = spec.get("split")
-        if split is None and spec.get("articles"):
-            split = f"articles {spec['articles'][0]}-{spec['articles'][-1]}"
-        return {"name": str(spec.get("dataset_name") or default_name),
-                "type": str(spec.get("dataset_type") or default_type), "split": split, "source": source,
-                "num_samples": self.num_evaluated if self.num_evaluated is not None else spec["num_samples"]}
-
-    def __call__(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
-        """Metrics per model name, every model seeing the same data."""
-        spec = self.recipe.evaluation
-        if spec is None:
-            raise RecipeError("the recipe has no evaluation section")
-        for model in models.values():
-            model.eval()
-        if spec["task"] == "question-answering":
-            if self.built.tokenizer is None:
-                raise RecipeError("question-answering evaluation needs a transformers model with a tokenizer")
-            examples = _squad_examples(spec, spec["num_samples"])
-            self.num_evaluated = len(examples)
-            return {name: evaluate_squad_model(m, self.built.tokenizer, examples, batch_size=spec["batch_size"],
-                                               max_length=spec["max_length"], stride=spec["stride"])
-                    for name, m in models.items()}
-        if self._uses_image_evaluator(models):
-            return self._evaluate_with_image_evaluator(models)
-        metrics = {name: load_metric("top1_accuracy") for name in models}
-        total = 0
-        with torch.no_grad():
-            batches = _image_batches(spec, self.recipe, self.built, spec["num_samples"], spec["batch_size"])
-            for x, y in progress_bar(batches, desc="eval", leave=False):
-                for name, m in models.items():
-                    out = m(x)
-                    logits = out.logits if hasattr(out, "logits") else out
-                    metrics[name].add_batch(predictions=logits.argmax(dim=-1), references=y)
-                total += len(y)
-        if total == 0:
-            raise RecipeError("evaluation data is empty")
-        self.num_evaluated = total
-        return {name: {"accuracy": metric.compute()["accuracy"]} for name, metric in metrics.items()}
-
-    def _uses_image_evaluator(self, models: dict[str, nn.Module]) -> bool:
-        """``evaluate.evaluator("image-classification")`` where it fits: images (not tensors), the model's own image
-        processor, transformers models with unique label names; our loop otherwise (timm, plain PyTorch)."""
-        spec = self.recipe.evaluation
-        return (spec["source"] in ("image_folder", "hf_image_dataset")
-                and _preprocessing(spec, self.recipe) == "transformers"
-                and all(supports_image_evaluator(m) for m in models.values()))
-
-    def _evaluate_with_image_evaluator(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
-        spec = self.recipe.evaluation
-        data = _image_dataset(spec, spec["num_samples"])
-        if len(data) == 0:
-            raise RecipeError("evaluation data is empty")
-        processor = _image_processor(self.recipe, self.built)
-        columns = ({"input_column": spec["image_column"], "label_column": spec["label_column"]}
-                   if spec["source"] == "hf_image_dataset" else {})
-        self.num_evaluated = len(data)
-        return {name: {"accuracy": evaluate_image_classifier(m, data, processor, batch_size=spec["batch_size"],
-                                                             **columns)["accuracy"]}
-                for name, m in models.items()}
-
-
-def _image_dataset(spec: dict[str, Any], limit: int | None) -> Any:
-    """The evaluation images as a ``datasets.Dataset`` (what ``evaluate.evaluator`` takes), at most ``limit``."""
-    import datasets
-
-    if spec["source"] == "image_folder":
-        folder = ImageFolderWithLabels(spec["path"], limit=limit)
-        return datasets.Dataset.from_dict(
-            {"image": [str(folder.folder / name) for name in folder.filenames], "label": folder.labels}
-        ).cast_column("image", datasets.Image(mode="RGB"))
-    ds = datasets.load_dataset(spec["name"], spec["config"], split=spec["split"], streaming=spec["streaming"])
-    if not spec["streaming"]:
-        return ds if limit is None else ds.select(range(min(limit, len(ds))))
-    # a stream is written to Arrow files (datasets' cache), not held in memory: ImageNet val is 6 GB
-    return datasets.Dataset.from_generator(_first_rows, gen_kwargs={"rows": ds, "limit": limit}, features=ds.features)
-
-
-def _first_rows(rows: Any, limit: int | None) -> Iterator[dict[str, Any]]:
-    yield from (rows if limit is None else itertools.islice(rows, limit))
-
-
-def build_evaluator(recipe: Recipe, built: BuiltModel) -> Evaluator | None:
-    """An :class:`Evaluator` for the recipe, or None when it has no evaluation section."""
-    return None if recipe.evaluation is None else Evaluator(recipe, built)

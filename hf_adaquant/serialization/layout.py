@@ -19,28 +19,24 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn import QMODULES, QModuleMixin
 from ..nn.qmodule import OUTPUT_ACTIVATIONS
-from ..prepare.fold_bn import _replacement_for
+from ..prepare.fold_bn import folded_replacement
 from ..quant.functional import qrange
+from ..quant.quantizer import MIN_STEP
+from ..utils.modules import set_submodule
 from .embeddings import describe_embeddings, quantize_embedding_skeleton_
 from .pack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["LAYOUT_VERSION", "READABLE_LAYOUT_VERSIONS", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
-           "pack_layer", "quantize_skeleton_", "set_submodule", "unpack_layer", "validate_layer_description"]
+           "pack_layer", "quantize_skeleton_", "unpack_layer", "validate_layer_description"]
 
 LAYOUT_VERSION = 2  # written when the model has quantized embeddings; version 1 otherwise (older readers)
 READABLE_LAYOUT_VERSIONS = (1, 2)
 # Not ``model.safetensors``: loaders that do not know the format (transformers or timm without hf_adaquant) then
 # find no weights they recognise and fail instead of building a float model around missing weights.
 WEIGHTS_NAME = "adaquant_model.safetensors"
-_MIN_STEP = 1e-8  # the clamp ``Quantizer._step`` applies
 _MIN_BITS, _MAX_BITS = 2, 8
 _LAYER_KEYS = ("type", "weight_bits", "activation_bits", "weight_symmetric", "activation_symmetric",
                "output_activation", "weight_shape")
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def describe_layer(module: QModuleMixin) -> dict[str, Any]:
@@ -209,7 +205,7 @@ def unpack_layer(tensors: dict[str, torch.Tensor], desc: dict[str, Any],
     bshape = (-1,) + (1,) * (len(shape) - 1)
     scale = tensors["weight_scale"].float().cpu()
     zero_point = tensors["weight_zero_point"].float().cpu()
-    weight = (codes.float() - zero_point.reshape(bshape)) * scale.clamp(min=_MIN_STEP).reshape(bshape)
+    weight = (codes.float() - zero_point.reshape(bshape)) * scale.clamp(min=MIN_STEP).reshape(bshape)
     state = {"weight": weight, "bias": tensors["bias"].float().cpu(), "weight_quantizer.scale": scale,
              "weight_quantizer.zero_point": zero_point, "weight_quantizer.initialized": torch.tensor(True)}
     if desc["activation_bits"] is not None:
@@ -250,7 +246,7 @@ def replace_folded_batchnorms_(model: nn.Module, folded: dict[str, str]) -> None
             raise ValueError(f"folded BatchNorm {bn_name!r} is not in the model (wrong architecture?)") from exc
         if not isinstance(bn, _BatchNorm):
             raise ValueError(f"{bn_name!r} should be a BatchNorm, the model has a {type(bn).__name__}")
-        set_submodule(model, bn_name, _replacement_for(bn))
+        set_submodule(model, bn_name, folded_replacement(bn))
 
 
 def quantize_skeleton_(model: nn.Module, layout: dict[str, Any], where: str = "checkpoint") -> nn.Module:

@@ -23,13 +23,13 @@ from torch import nn
 from ..nn import QConv2d, QLinear, QModuleMixin
 from ..nn.qconv_same import QConv2dSame
 from ..nn.qembedding import freeze_embedding, quantized_embeddings
+from ..quant.quantizer import MIN_STEP
 from .layout import pack_layer
 from .pack import unpack_codes
 
 __all__ = ["FROZEN_CLASSES", "FrozenQConv2d", "FrozenQConv2dSame", "FrozenQLinear", "FrozenWeightMixin", "freeze",
            "is_frozen"]
 
-_MIN_STEP = 1e-8  # the clamp Quantizer._step applies
 _PACKED_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
 
 
@@ -50,7 +50,7 @@ class FrozenWeightMixin:
         numel = math.prod(self.weight_shape)
         codes = unpack_codes(self.weight_packed, wq.bits, numel).reshape(self.weight_shape) + wq.qmin
         bshape = (-1,) + (1,) * (len(self.weight_shape) - 1)
-        step = self.weight_scale.clamp(min=_MIN_STEP).reshape(bshape)
+        step = self.weight_scale.clamp(min=MIN_STEP).reshape(bshape)
         zero_point = self.weight_zero_point.to(step.dtype).reshape(bshape)
         # (code - zero_point) * step: exact integers times the step, as Quantizer's fake quantization computes it
         return (codes.to(step.dtype) - zero_point) * step

@@ -15,10 +15,12 @@ from ..adaquant.staged import StagedRunner
 from ..calibrate import qmodules
 from ..config import BIAS_CORRECTION_METHODS
 from ..utils.batches import Batch, batch_size, call_model, slice_batch
+from ..utils.hooks import hooks
 from ..utils.logging import progress_bar
+from ..utils.modules import eval_mode
 from ..utils.seeding import make_generator
 
-__all__ = ["activation_elements_per_sample", "correct_bias", "output_tensors", "tune_bias"]
+__all__ = ["activation_elements_per_sample", "correct_bias", "kl_divergence", "output_tensors", "tune_bias"]
 
 _logger = logging.getLogger(__name__)
 
@@ -137,16 +139,13 @@ def _correct_bias_single_pass(
         shape = (1, -1) + (1,) * (out.dim() - 2) if conv[name] else (-1,)
         return out + step.reshape(shape).to(out.dtype)
 
-    handles = [qmodel.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, name=name: correct(mod, args, out, name)) for name in layer_names]
-    try:
+    correcting = ((qmodel.get_submodule(name), lambda mod, args, out, name=name: correct(mod, args, out, name))
+                  for name in layer_names)
+    with hooks(correcting):
         for batch in progress_bar(batches, desc="bias correction", disable=not progress, leave=False):
             fp_means.clear()
             observe_outputs(fp_model, layer_names, [batch], record_fp)
             call_model(qmodel, batch)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: qmodel.get_submodule(name).bias.detach() - start[name] for name in layer_names}
 
 
@@ -161,7 +160,8 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _kl(q_out: list[torch.Tensor], fp_out: list[torch.Tensor]) -> torch.Tensor:
+def kl_divergence(q_out: list[torch.Tensor], fp_out: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over output tensors of KL(FP || quantized) over the last dimension (batch mean): bias tuning's loss."""
     loss = q_out[0].new_zeros(())
     for q, p in zip(q_out, fp_out):
         q2, p2 = q.reshape(-1, q.shape[-1]), p.reshape(-1, p.shape[-1])
@@ -185,15 +185,9 @@ def activation_elements_per_sample(model: nn.Module, batch: Batch) -> int:
         nonlocal total
         total += sum(t.numel() for t in output_tensors(out) if t.dim() and t.shape[0] == n)
 
-    handles = [m.register_forward_hook(count) for m in model.modules() if m in quantized or not any(m.children())]
-    was_training = model.training
-    model.eval()
-    try:
+    counted = ((m, count) for m in model.modules() if m in quantized or not any(m.children()))
+    with hooks(counted), eval_mode(model):
         call_model(model, slice_batch(batch, 0, n))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return max(total // n, 1)
 
 
@@ -212,7 +206,7 @@ def tune_bias(
 
     def total_kl() -> float:
         with torch.no_grad():
-            return sum(_kl(output_tensors(call_model(qmodel, b)), t).item() for b, t in zip(batches, targets))
+            return sum(kl_divergence(output_tensors(call_model(qmodel, b)), t).item() for b, t in zip(batches, targets))
 
     biases = [m.bias for m in qmodules(qmodel).values()]
     params = list(qmodel.parameters())
@@ -237,7 +231,7 @@ def tune_bias(
                 stop = min(start + size, n)
                 batch = slice_batch(batches[k], start, stop)  # views: the whole batch when size == n
                 # batchmean KL of the whole batch = slice KLs weighted by their share of the samples
-                loss = _kl(output_tensors(call_model(qmodel, batch)), [t[start:stop] for t in targets[k]])
+                loss = kl_divergence(output_tensors(call_model(qmodel, batch)), [t[start:stop] for t in targets[k]])
                 (loss * ((stop - start) / n)).backward()
             optimizer.step()
     finally:

@@ -26,7 +26,9 @@ from ..adaquant.cache import observe_outputs
 from ..calibrate import qmodules
 from ..nn.qmodule import QModuleMixin
 from ..utils.batches import Batch, call_model
+from ..utils.hooks import hooks
 from ..utils.logging import progress_bar
+from ..utils.modules import eval_mode
 
 __all__ = ["tune_batchnorm"]
 
@@ -124,18 +126,12 @@ def tune_batchnorm(
         factor, mean_from, mean_to = (t.to(out.dtype).reshape(shape) for t in (factor, mean_from, mean_to))
         return (out - mean_from) * factor + mean_to
 
-    handles = [layers[n].register_forward_hook(lambda mod, args, out, n=n: renormalise(n, out)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
+    renormalising = ((layers[n], lambda mod, args, out, n=n: renormalise(n, out)) for n in names)
+    with hooks(renormalising), eval_mode(model):
         for batch in progress_bar(batches, desc="BN tuning", disable=not progress, leave=False):
             if fp_model is not None:
                 observe_outputs(fp_model, names, [batch], lambda n, out: fp_stats[n].add(out))
             call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     for name, layer in layers.items():
         factor, mean_from, mean_to = (t.to(layer.bias.device) for t in current[name])
         _rescale_output(layer, factor, mean_from, mean_to)
