@@ -302,7 +302,7 @@ def _move(models: Sequence[nn.Module], device: torch.device | None) -> list[tupl
     return moved
 
 
-def run_layers(
+def run_adaquant(
     qmodel: nn.Module,
     fp_model: nn.Module,
     layer_names: Sequence[str],
@@ -314,7 +314,11 @@ def run_layers(
     work_dir: str | os.PathLike | None = None,
     context: DistributedContext | None = None,
 ) -> list[LayerReport]:
-    """AdaQuant over ``layer_names`` (execution order), distributed and resumable; see the module docstring.
+    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
+
+    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass;
+    ``layer_info`` (:class:`~hf_adaquant.prepare.LayerInfo` by name) balances layers over ranks by cost.
+    With ``work_dir`` finished layers are checkpointed and a re-run resumes (see the module docstring).
 
     Every rank of a launch must call this with the same arguments; all return the same reports and leave
     ``qmodel`` in the same state. Under a launch, the models are moved to the rank's device for the phase and
@@ -346,24 +350,4 @@ def run_layers(
     return [reports[name] for name in layer_names]
 
 
-def run_adaquant(
-    qmodel: nn.Module,
-    fp_model: nn.Module,
-    layer_names: Sequence[str],
-    batches: Sequence[Batch],
-    config: AdaQuantConfig,
-    layer_bytes: Mapping[str, int] | None = None,
-    *,
-    layer_info: Mapping[str, LayerInfo] | None = None,
-    work_dir: str | os.PathLike | None = None,
-    context: DistributedContext | None = None,
-) -> list[LayerReport]:
-    """AdaQuant over ``layer_names`` (execution order) of ``qmodel``; ``fp_model`` gives inputs/targets.
-
-    ``layer_bytes`` (estimated cache size per layer) lets the parallel variant capture several layers per pass;
-    ``layer_info`` (:class:`~hf_adaquant.prepare.LayerInfo` by name) balances layers over ranks by cost.
-    Under ``torchrun`` / ``accelerate launch`` the work is split over the ranks; with ``work_dir`` finished
-    layers are checkpointed and a re-run resumes (see the module docstring).
-    """
-    return run_layers(qmodel, fp_model, layer_names, batches, config, layer_bytes, layer_info=layer_info,
-                      work_dir=work_dir, context=context)
+run_layers = run_adaquant  # the name this function had before run_adaquant moved here from layerwise.py

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..nn.qembedding import FrozenQEmbedding, QEmbedding, pack_rows, row_nbytes, unpack_rows
+from .pack import check_tensor_specs
 
 __all__ = ["check_embedding_tensors", "describe_embeddings", "embedding_tensor_specs", "pack_embedding",
            "quantize_embedding_skeleton_", "unpack_embedding", "validate_embedding_description"]
@@ -70,12 +71,7 @@ def check_embedding_tensors(tensors: dict[str, torch.Tensor], desc: dict[str, An
     Raises:
         ValueError: the first inconsistency, naming the tensor.
     """
-    for suffix, (dtype, shape) in embedding_tensor_specs(desc).items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise ValueError(f"tensor {suffix!r} is missing")
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"tensor {suffix!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    check_tensor_specs(tensors, embedding_tensor_specs(desc))
     top = 2 ** desc["bits"] - 1
     zero_point = tensors["weight_zero_point"]
     if bool(((zero_point < 0) | (zero_point > top)).any()):

@@ -24,7 +24,7 @@ from ..quant.functional import qrange
 from ..quant.quantizer import MIN_STEP
 from ..utils.modules import set_submodule
 from .embeddings import describe_embeddings, quantize_embedding_skeleton_
-from .pack import pack_codes, packed_nbytes, unpack_codes
+from .pack import check_tensor_specs, pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["LAYOUT_VERSION", "READABLE_LAYOUT_VERSIONS", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
            "pack_layer", "quantize_skeleton_", "unpack_layer", "validate_layer_description"]
@@ -168,12 +168,7 @@ def check_layer_tensors(tensors: dict[str, torch.Tensor], desc: dict[str, Any]) 
     Raises:
         ValueError: the first inconsistency, naming the tensor.
     """
-    for suffix, (dtype, shape) in layer_tensor_specs(desc).items():
-        t = tensors.get(suffix)
-        if t is None:
-            raise ValueError(f"tensor {suffix!r} is missing")
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"tensor {suffix!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+    check_tensor_specs(tensors, layer_tensor_specs(desc))
     sides = [("weight", desc["weight_bits"], desc["weight_symmetric"])]
     if desc["activation_bits"] is not None:
         sides.append(("input", desc["activation_bits"], desc["activation_symmetric"]))
