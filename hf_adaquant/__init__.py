@@ -1,6 +1,7 @@
 """hf_adaquant: post-training quantization with AdaQuant (Hubara et al., 2021) for Hugging Face models."""
 
-from .config import AdaQuantConfig
+# The public config: the core one (hf_adaquant.config) with transformers' mixin and the quantize-on-load section.
+from .integrations.transformers_config import AdaQuantConfig
 from .integrations import timm as _timm_layers  # noqa: F401  (registers quantized timm layers)
 from .prepare import PreparedModel, prepare_model
 from .quantize import quantize

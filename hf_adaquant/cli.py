@@ -4,7 +4,7 @@
     hf-adaquant quantize -m timm/resnet18.a1_in1k --weights int4 --activations int8 --dataset calib/ --output out/r18
     hf-adaquant evaluate out/r20 [--recipe R]
     hf-adaquant push out/r20 --repo-id me/resnet20-w4a4 [--private] [--token-env HF_TOKEN]
-    hf-adaquant export --checkpoint out/r20 --output out/r20/model.onnx [--opset 21] [--input-shape 3,32,32]
+    hf-adaquant export --checkpoint out/r20 --output out/r20/model.onnx [--opset 21] [--op-style qdq]
     hf-adaquant quantize --recipe R --output out/r20 --export-onnx     # also writes out/r20/model.onnx
 
 Every failure ends with one line on stderr, ``hf-adaquant COMMAND: error: TYPE: MESSAGE``, and a non-zero exit
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", required=True, type=Path, help=".onnx file to write")
     x.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: the lowest that stores every weight width in its own type)")
+    x.add_argument("--op-style", choices=("fused", "qdq"), default="fused",
+                   help="fused (default): laid out for onnxruntime's int8 kernels; qdq: plain "
+                        "QuantizeLinear/DequantizeLinear pairs")
     x.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="shape of one input sample, for models that do not state it (plain PyTorch models)")
     x.add_argument("--recipe", default=None,

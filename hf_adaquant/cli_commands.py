@@ -220,7 +220,7 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"{directory} is a plain PyTorch checkpoint without {RECIPE_FILE}: pass --recipe")
         skeleton = build_model(load_recipe(recipe_path, check_files=False)).model
     return export_checkpoint(directory, args.output, model=skeleton, input_shape=_parse_shape(args.input_shape),
-                             opset=args.opset)
+                             opset=args.opset, op_style=getattr(args, "op_style", "fused"))
 
 
 def run_push(args: argparse.Namespace, hub_api: Any = None) -> dict[str, Any]:

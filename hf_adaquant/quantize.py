@@ -26,6 +26,7 @@ from .prepare.find_layers import check_no_meta_tensors
 from .report import QuantizationReport
 from .tuning import activation_elements_per_sample, correct_bias, tune_batchnorm, tune_bias
 from .utils.batches import Batch, batch_size, materialize_batches, split_batches
+from .utils.memory import reuse_freed_memory
 from .utils.profiling import current_profile
 from .utils.seeding import seed_everything
 
@@ -55,6 +56,12 @@ def quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQua
         >>> qmodel = quantize(model, [x[:100] for x in batches], AdaQuantConfig(weight_bits=4, activation_bits=4,
         ...                   pipeline="advanced", seed=0))
     """
+    with reuse_freed_memory():  # large per-step tensors: reuse freed memory instead of page-faulting anew
+        return _quantize(model, calibration_data, config, work_dir)
+
+
+def _quantize(model: nn.Module, calibration_data: Iterable[Batch], config: AdaQuantConfig | None,
+              work_dir: str | os.PathLike | None) -> nn.Module:
     config = config or AdaQuantConfig()
     config.validate()
     check_no_meta_tensors(model)  # before reading any data: a model without values cannot be calibrated

@@ -124,8 +124,8 @@ def run_single(args: argparse.Namespace) -> dict:
     else:
         wbits, abits = parse_setting(args.setting)
         overrides = json.loads(args.config) if args.config else {}
-        config = AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=args.seed, progress=False,
-                                **{**METHODS[args.method], **overrides})
+        config = AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=args.seed,
+                                **{"progress": False, **METHODS[args.method], **overrides})
         with StageRss() as rss, profiling() as profile:
             start = time.perf_counter()
             qmodel = quantize(model, calib, config)

@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,73 +66,85 @@ def make_problem(num_layers: int, seed: int, generator: str) -> AllocationProble
     )
 
 
-def run(num_layers: int, seeds: list[int], generators: list[str]) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
+def instances(num_layers: int, seeds: list[int], generators: list[str]
+              ) -> Iterator[tuple[str, int, AllocationProblem, float | None, float]]:
+    """Every benchmarked instance, as (generator, seed, problem, BOPs budget, size budget), in report order."""
     for generator in generators:
         for seed in seeds:
             problem = make_problem(num_layers, seed, generator)
             for bops_budget in BOPS_BUDGETS:
                 for size_budget in SIZE_BUDGETS:
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    alloc = solve_allocation(problem, size_budget=size_budget, bops_budget=bops_budget)
-                    seconds = time.perf_counter() - start
-                    cpu_seconds = time.process_time() - cpu_start
-                    within = alloc.size_fraction <= size_budget + 1e-12 and (
-                        bops_budget is None or alloc.bops <= bops_budget * problem.fp32_bops * (1 + 1e-12)
-                    )
-                    # HiGHS runs with mip_rel_gap=0; it still stops at its absolute gap (1e-6 on the normalised
-                    # objective), so a proven optimum reports a relative mip_gap of 0 or ~1e-8.
-                    proven = alloc.optimal and alloc.mip_gap is not None and alloc.mip_gap <= 1e-6
-                    status = "optimal" if proven else f"NOT PROVEN (gap={alloc.mip_gap})"
-                    if not within:
-                        status += " BUDGET VIOLATED"
-                    row = {
-                        "generator": generator,
-                        "seed": seed,
-                        "L": problem.num_layers,
-                        "K": problem.num_options,
-                        "size_budget": size_budget,
-                        "bops_budget": bops_budget,
-                        "seconds": seconds,
-                        "cpu_seconds": cpu_seconds,
-                        "solver_seconds": alloc.solve_seconds,
-                        "status": status,
-                        "mip_gap": alloc.mip_gap,
-                        "size_fraction": alloc.size_fraction,
-                        "bops_fraction": alloc.bops / problem.fp32_bops,
-                        "predicted_criterion": alloc.predicted_criterion,
-                    }
-                    rows.append(row)
-                    logger.info(
-                        "%-10s seed=%d size<=%.3f bops<=%s: %.3f s, %s", generator, seed, size_budget, bops_budget,
-                        seconds, status,
-                    )
+                    yield generator, seed, problem, bops_budget, size_budget
+
+
+def run(num_layers: int, seeds: list[int], generators: list[str]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for generator, seed, problem, bops_budget, size_budget in instances(num_layers, seeds, generators):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        alloc = solve_allocation(problem, size_budget=size_budget, bops_budget=bops_budget)
+        seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
+        within = alloc.size_fraction <= size_budget + 1e-12 and (
+            bops_budget is None or alloc.bops <= bops_budget * problem.fp32_bops * (1 + 1e-12)
+        )
+        # HiGHS runs with mip_rel_gap=0; it still stops at its absolute gap (1e-6 on the normalised
+        # objective), so a proven optimum reports a relative mip_gap of 0 or ~1e-8.
+        proven = alloc.optimal and alloc.mip_gap is not None and alloc.mip_gap <= 1e-6
+        status = "optimal" if proven else f"NOT PROVEN (gap={alloc.mip_gap})"
+        if not within:
+            status += " BUDGET VIOLATED"
+        row = {
+            "generator": generator,
+            "seed": seed,
+            "L": problem.num_layers,
+            "K": problem.num_options,
+            "size_budget": size_budget,
+            "bops_budget": bops_budget,
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "solver_seconds": alloc.solve_seconds,
+            "status": status,
+            "mip_gap": alloc.mip_gap,
+            "size_fraction": alloc.size_fraction,
+            "bops_fraction": alloc.bops / problem.fp32_bops,
+            "predicted_criterion": alloc.predicted_criterion,
+        }
+        rows.append(row)
+        logger.info(
+            "%-10s seed=%d size<=%.3f bops<=%s: %.3f s, %s", generator, seed, size_budget, bops_budget,
+            seconds, status,
+        )
     return rows
 
 
 def compare_presolve(num_layers: int, seeds: list[int], generators: list[str]) -> list[dict[str, object]]:
     """Every problem and budget of :func:`run` solved with and without the exact reductions (``presolve``)."""
     rows: list[dict[str, object]] = []
-    for generator in generators:
-        for seed in seeds:
-            problem = make_problem(num_layers, seed, generator)
-            for bops_budget in BOPS_BUDGETS:
-                for size_budget in SIZE_BUDGETS:
-                    row: dict[str, object] = {"generator": generator, "seed": seed, "size_budget": size_budget,
-                                              "bops_budget": bops_budget}
-                    for presolve in (True, False):
-                        start = time.perf_counter()
-                        alloc = solve_allocation(problem, size_budget=size_budget, bops_budget=bops_budget,
-                                                 presolve=presolve)
-                        key = "with" if presolve else "without"
-                        row[f"{key}_seconds"] = time.perf_counter() - start
-                        row[f"{key}_objective"] = alloc.predicted_criterion
-                        row[f"{key}_optimal"] = alloc.optimal
-                    rows.append(row)
-                    logger.info("%-10s seed=%d size<=%.3f bops<=%s: with %.3f s, without %.3f s, objectives %.9g / "
-                                "%.9g", generator, seed, size_budget, bops_budget, row["with_seconds"],
-                                row["without_seconds"], row["with_objective"], row["without_objective"])
+    for generator, seed, problem, bops_budget, size_budget in instances(num_layers, seeds, generators):
+        row: dict[str, object] = {"generator": generator, "seed": seed, "size_budget": size_budget,
+                                  "bops_budget": bops_budget}
+        for presolve in (True, False):
+            start = time.perf_counter()
+            alloc = solve_allocation(problem, size_budget=size_budget, bops_budget=bops_budget, presolve=presolve)
+            key = "with" if presolve else "without"
+            row[f"{key}_seconds"] = time.perf_counter() - start
+            row[f"{key}_objective"] = alloc.predicted_criterion
+            row[f"{key}_optimal"] = alloc.optimal
+        rows.append(row)
+        logger.info("%-10s seed=%d size<=%.3f bops<=%s: with %.3f s, without %.3f s, objectives %.9g / %.9g",
+                    generator, seed, size_budget, bops_budget, row["with_seconds"], row["without_seconds"],
+                    row["with_objective"], row["without_objective"])
     return rows
+
+
+def budget_groups(rows: list[dict[str, object]]) -> Iterator[tuple[str, str, list[dict[str, object]]]]:
+    """(generator, "size only" | "size + BOPs", its rows) for each non-empty group, in first-seen generator order."""
+    for generator in dict.fromkeys(str(r["generator"]) for r in rows):
+        for kind in ("size only", "size + BOPs"):
+            group = [r for r in rows
+                     if r["generator"] == generator and (r["bops_budget"] is None) == (kind == "size only")]
+            if group:
+                yield generator, kind, group
 
 
 def write_presolve_markdown(path: Path, rows: list[dict[str, object]], meta: dict[str, object]) -> None:
@@ -146,19 +159,14 @@ def write_presolve_markdown(path: Path, rows: list[dict[str, object]], meta: dic
         "total s with | total s without | max rel. objective diff |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for generator in dict.fromkeys(str(r["generator"]) for r in rows):
-        for kind in ("size only", "size + BOPs"):
-            group = [r for r in rows
-                     if r["generator"] == generator and (r["bops_budget"] is None) == (kind == "size only")]
-            if not group:
-                continue
-            w = [float(r["with_seconds"]) for r in group]
-            wo = [float(r["without_seconds"]) for r in group]
-            diff = max(abs(float(r["with_objective"]) - float(r["without_objective"]))
-                       / max(abs(float(r["without_objective"])), 1e-300) for r in group)
-            lines.append(f"| {generator} | {kind} | {len(group)} | {statistics.median(w):.3f} | "
-                         f"{statistics.median(wo):.3f} | {max(w):.3f} | {max(wo):.3f} | {sum(w):.2f} | {sum(wo):.2f} "
-                         f"| {diff:.1e} |")
+    for generator, kind, group in budget_groups(rows):
+        w = [float(r["with_seconds"]) for r in group]
+        wo = [float(r["without_seconds"]) for r in group]
+        diff = max(abs(float(r["with_objective"]) - float(r["without_objective"]))
+                   / max(abs(float(r["without_objective"])), 1e-300) for r in group)
+        lines.append(f"| {generator} | {kind} | {len(group)} | {statistics.median(w):.3f} | "
+                     f"{statistics.median(wo):.3f} | {max(w):.3f} | {max(wo):.3f} | {sum(w):.2f} | {sum(wo):.2f} "
+                     f"| {diff:.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -180,19 +188,13 @@ def write_markdown(path: Path, rows: list[dict[str, object]], meta: dict[str, ob
         "| generator | budgets | solves | median s | max s | max CPU s | proven optimal |",
         "|---|---|---|---|---|---|---|",
     ]
-    for generator in dict.fromkeys(str(r["generator"]) for r in rows):
-        for kind in ("size only", "size + BOPs"):
-            group = [
-                r for r in rows if r["generator"] == generator and (r["bops_budget"] is None) == (kind == "size only")
-            ]
-            if not group:
-                continue
-            secs = [float(r["seconds"]) for r in group]
-            lines.append(
-                f"| {generator} | {kind} | {len(group)} | {statistics.median(secs):.3f} | {max(secs):.3f} | "
-                f"{max(float(r['cpu_seconds']) for r in group):.3f} | "
-                f"{sum(r['status'] == 'optimal' for r in group)}/{len(group)} |"
-            )
+    for generator, kind, group in budget_groups(rows):
+        secs = [float(r["seconds"]) for r in group]
+        lines.append(
+            f"| {generator} | {kind} | {len(group)} | {statistics.median(secs):.3f} | {max(secs):.3f} | "
+            f"{max(float(r['cpu_seconds']) for r in group):.3f} | "
+            f"{sum(r['status'] == 'optimal' for r in group)}/{len(group)} |"
+        )
     lines += [
         "",
         "| generator | seed | L | K | size budget | BOPs budget | seconds | CPU s | status | mip_gap | size used | "
@@ -210,6 +212,11 @@ def write_markdown(path: Path, rows: list[dict[str, object]], meta: dict[str, ob
     path.write_text("\n".join(lines) + "\n")
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (rounded), or None where the platform has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=500)
@@ -222,11 +229,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     logging.getLogger("hf_adaquant").setLevel(logging.WARNING)
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     if args.compare_presolve:
         rows = compare_presolve(args.layers, args.seeds, args.generators)
         meta = {"load_avg_1min_before": load_before, "layers": args.layers, "scipy": scipy.__version__,
-                "load_avg_1min_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                "load_avg_1min_after": load_average(),
                 "cpu_count": os.cpu_count(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "ilp_presolve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -235,7 +242,7 @@ def main() -> int:
     rows = run(args.layers, args.seeds, args.generators)
     meta = {
         "load_avg_1min_before": load_before,
-        "load_avg_1min_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_avg_1min_after": load_average(),
         "scipy": scipy.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),

@@ -74,6 +74,7 @@ def target_met(row: dict) -> bool:
     return abs(row["onnxruntime"] - row["pytorch"]) <= (0.05 if row["model"] == "resnet20" else 0.1) + 1e-9
 LATENCY_MODELS = ("resnet50", "efficientnet_lite0", "minilm_squad")
 IMAGE_SIZE = {"resnet50": 224, "efficientnet_lite0": 224, "resnet20": 32}
+SYMMETRIC = "-sym"  # setting suffix: weight_symmetric=True
 QUICK_CALIBRATION = 32  # samples, naive ranges: checkpoints made only to be timed
 
 
@@ -141,15 +142,18 @@ def squad_benchmark(num_calib: int, limit: int | None, seed: int) -> tuple[nn.Mo
 
 def config_for(name: str, setting: str, method: str, seed: int) -> AdaQuantConfig:
     """bench_core's methods; for MiniLM the BERT QA policy with bench_squad's presets (naive: min-max ranges)."""
-    wbits, abits = bench_core.parse_setting(setting)
+    # "W8A8-sym": symmetric weights (zero-point 0), the form onnxruntime's int8 kernels take at 8 bits
+    symmetric = setting.endswith(SYMMETRIC)
+    wbits, abits = bench_core.parse_setting(setting.removesuffix(SYMMETRIC))
     if name == "minilm_squad":
         if method == "naive":
             pipeline, extra = "light", {k: v for k, v in bench_core.METHODS["naive"].items() if k != "pipeline"}
         else:
             pipeline, extra = method, dict(bench_squad.PIPELINE_PRESETS[method])
-        return bert_qa_quantization_config(wbits, abits, pipeline=pipeline, seed=seed, progress=False, **extra)
+        return bert_qa_quantization_config(wbits, abits, pipeline=pipeline, seed=seed, progress=False,
+                                           weight_symmetric=symmetric, **extra)
     return AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=seed, progress=False,
-                          **bench_core.METHODS[method])
+                          weight_symmetric=symmetric, **bench_core.METHODS[method])
 
 
 def quantize_to(work: Path, name: str, setting: str, method: str, model: nn.Module, calib: list, seed: int,
@@ -330,10 +334,17 @@ def export_float(model: nn.Module, example: Any, path: Path) -> Path:
     return path
 
 
-def ort_int8_reference(fp32_path: Path, out: Path, example: torch.Tensor, samples: int = 16) -> Path:
+# onnxruntime's own static int8 QDQ quantization, by activation type: its default (int8 activations, "S8S8") and
+# uint8 activations ("U8S8"), which its documentation recommends on x86-64 and which its fast kernels take
+ORT_REFERENCES = {"onnxruntime int8 QDQ (U8S8)": "QUInt8", "onnxruntime int8 QDQ (S8S8, its default)": "QInt8"}
+
+
+def ort_int8_reference(fp32_path: Path, out: Path, example: torch.Tensor, activation_type: str = "QUInt8",
+                       samples: int = 16) -> Path:
     """onnxruntime's own static int8 QDQ quantization (after its pre-processing) of an FP32 image model,
-    calibrated on ``samples`` random images (min-max; defaults otherwise: per-tensor int8 weights)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    calibrated on ``samples`` random images (min-max, per-tensor int8 weights; activations of
+    ``activation_type``)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(out.stem + "_pre.onnx")
@@ -350,7 +361,8 @@ def ort_int8_reference(fp32_path: Path, out: Path, example: torch.Tensor, sample
             item = next(self.items, None)
             return None if item is None else {name: item}
 
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=getattr(QuantType, activation_type), weight_type=QuantType.QInt8)
     return out
 
 
@@ -479,15 +491,17 @@ def run_latency(args: argparse.Namespace) -> None:
         folder = args.work_dir / "latency" / name
         variants: dict[str, tuple[Path, str | None, str]] = {
             "FP32": (export_float(model, example, folder / "fp32.onnx"), "fp32", "—")}
-        for setting in args.settings or ["W8A8", "W4A8"]:
+        for setting in args.settings or ["W8A8", f"W8A8{SYMMETRIC}", "W4A8"]:
             directory, label = latency_checkpoint(args, name, setting, model)
             qmodel = reload(name, directory)
             path = export_onnx(qmodel, folder / f"{setting}_{args.op_style}.onnx", example, op_style=args.op_style)
             variants[setting] = (path, str(directory), label)
         if name in args.reference_models:
-            path = ort_int8_reference(variants["FP32"][0], folder / "ort_int8_qdq.onnx", example)
-            variants["onnxruntime int8 QDQ"] = (path, None, "onnxruntime quantize_static (QDQ, per-tensor int8, "
-                                                            "16 random images)")
+            for variant, activation_type in ORT_REFERENCES.items():
+                path = ort_int8_reference(variants["FP32"][0], folder / f"ort_int8_qdq_{activation_type}.onnx",
+                                          example, activation_type)
+                variants[variant] = (path, None, f"onnxruntime quantize_static (QDQ, per-tensor int8 weights, "
+                                                 f"{activation_type[1:].lower()} activations, 16 random images)")
         fp32: dict = {}
         for variant, (path, torch_source, label) in variants.items():
             row: dict = {"model": name, "variant": variant, "quantized_by": label, "onnx_bytes": path.stat().st_size,
@@ -521,7 +535,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"agreement: {', '.join(AGREEMENT)}; latency: {', '.join(LATENCY_MODELS)} "
                              "(and resnet20)")
-    parser.add_argument("--settings", nargs="+", default=None, help="override the settings, e.g. W8A8")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help=f"override the settings, e.g. W8A8 or W8A8{SYMMETRIC} (symmetric weights)")
     parser.add_argument("--method", default=None, choices=sorted(bench_core.METHODS),
                         help="agreement: override the quantization method of every model")
     parser.add_argument("--threads", type=int, default=None, help="default: 1 for --agreement, 2 for --latency")

@@ -155,6 +155,29 @@ def calib_batches() -> list[torch.Tensor]:
 
 
 @pytest.fixture
+def padded_tiny_bert() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """(2-layer BertForSequenceClassification, 2 batches of 12 tokens whose first two rows are padded).
+
+    The padding means the attention mask must reach every encoder layer, so block and staged tests see whether
+    the mask is replayed next to the hidden states.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                        vocab_size=60, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for n in (4, 3):
+        mask = torch.ones(n, 12, dtype=torch.long)
+        mask[0, 7:] = 0
+        mask[1, 10:] = 0
+        batches.append({"input_ids": torch.randint(5, 60, (n, 12), generator=g), "attention_mask": mask})
+    return model, batches
+
+
+@pytest.fixture
 def tiny_cnn(calib_batches: list[torch.Tensor]) -> TinyCNN:
     """TinyCNN whose BN statistics match the calibration data (as a trained network's would)."""
     return make_tiny_cnn(0, calib_batches)

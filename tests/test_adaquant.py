@@ -13,7 +13,7 @@ from conftest import TINY_CNN_LAYERS, fast_config, make_batches, make_tiny_cnn
 from torch import nn
 
 from hf_adaquant import AdaQuantConfig, prepare_model
-from hf_adaquant.adaquant import IOCache, capture_layer_io, layerwise, optimize_layer, run_adaquant
+from hf_adaquant.adaquant import IOCache, capture_layer_io, layerwise, optim, optimize_layer, run_adaquant
 from hf_adaquant.adaquant.cache import capture_layers_io
 from hf_adaquant.nn import QConv2d
 from hf_adaquant.utils.seeding import make_generator
@@ -294,9 +294,9 @@ def test_weight_learning_rates_are_per_channel_steps() -> None:
     layer = quantize_module(nn.Linear(4, 2), 4, None)
     with torch.no_grad():
         layer.weight_quantizer.scale.copy_(torch.tensor([1e-3, 1e-1]))
-    groups = layerwise._param_groups(layer, fast_config(lr_weight=1e-2, lr_weight_scale=1e-2), None)
+    groups = optim.param_groups(layer, fast_config(lr_weight=1e-2, lr_weight_scale=1e-2), None)
     optimizer = torch.optim.Adam(groups)
-    per_channel = layerwise._PerChannelSteps(layer)
+    per_channel = optim.PerChannelSteps(layer)
     w0, s0 = layer.weight.detach().clone(), layer.weight_quantizer.scale.detach().clone()
     layer.weight.grad = torch.ones_like(layer.weight)
     layer.weight_quantizer.scale.grad = torch.ones_like(s0)
@@ -387,10 +387,10 @@ def test_non_finite_weights_give_an_error_naming_the_layer() -> None:
 
 
 def test_non_finite_loss_never_beats_a_finite_one() -> None:
-    assert layerwise._improves(1.0, float("nan")) and layerwise._improves(1.0, float("inf"))
-    assert not layerwise._improves(float("nan"), 1.0) and not layerwise._improves(float("inf"), 1.0)
-    assert not layerwise._improves(float("nan"), float("nan"))
-    assert layerwise._improves(0.5, 1.0) and not layerwise._improves(1.0, 0.5)
+    assert optim.improves(1.0, float("nan")) and optim.improves(1.0, float("inf"))
+    assert not optim.improves(float("nan"), 1.0) and not optim.improves(float("inf"), 1.0)
+    assert not optim.improves(float("nan"), float("nan"))
+    assert optim.improves(0.5, 1.0) and not optim.improves(1.0, 0.5)
 
 
 def test_optimize_layer_keeps_the_initialisation_when_training_turns_nan(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,6 +401,6 @@ def test_optimize_layer_keeps_the_initialisation_when_training_turns_nan(monkeyp
 
     layer = quantize_module(conv, 4, 8)
     losses = iter([float("nan"), 2.0, float("nan"), 1.0, float("inf"), float("nan")])
-    monkeypatch.setattr(layerwise, "_evaluate", lambda *args, **kwargs: next(losses))
+    monkeypatch.setattr(layerwise, "evaluate_layer", lambda *args, **kwargs: next(losses))
     report = optimize_layer(layer, cache, fast_config(iterations=5), make_generator(0, 0), name="conv")
     assert report.mse_after == 1.0

@@ -173,20 +173,8 @@ def test_drop_trains_on_masks_but_evaluates_fully_quantized(monkeypatch: pytest.
 # ------------------------------------------------------------------------------------------ transformers
 
 
-def test_block_mode_on_a_bert_layer_with_a_padding_mask() -> None:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                      vocab_size=60, max_position_embeddings=32, num_labels=3)
-    model = BertForSequenceClassification(bert).eval()
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for n in (4, 3):
-        mask = torch.ones(n, 12, dtype=torch.long)
-        mask[0, 7:] = 0
-        mask[1, 10:] = 0
-        batches.append({"input_ids": torch.randint(5, 60, (n, 12), generator=g), "attention_mask": mask})
+def test_block_mode_on_a_bert_layer_with_a_padding_mask(padded_tiny_bert) -> None:
+    model, batches = padded_tiny_bert
     config = _config(weight_bits=4, activation_bits=8, batch_size=2)  # steps take 2-sample slices of a batch
     prepared, reports = _run(model, batches, config)
     by_name = {r.name: r for r in reports}

@@ -1,16 +1,21 @@
-"""AdaQuantConfig validation: every field is type-checked by name, accepted forms are normalised."""
+"""AdaQuantConfig: every field is type-checked by name, accepted forms are normalised; sections and flat names."""
 
 from __future__ import annotations
 
-import dataclasses
+import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import hf_adaquant
 from hf_adaquant import AdaQuantConfig
+from hf_adaquant.config import (AdaQuantConfig as CoreAdaQuantConfig, AllocationConfig, OptimizerConfig,
+                                ResourcesConfig, SavedConfig, SchemeConfig, TuningConfig)
+from hf_adaquant.integrations.transformers_config import QuantizeOnLoadConfig
 
-FIELDS = [f.name for f in dataclasses.fields(AdaQuantConfig)]
+FIELDS = list(AdaQuantConfig.field_names())
 # A value of the wrong type for each field; object() for every field not listed, so a new field without a check
 # makes test_every_field_is_type_checked_by_name fail.
 WRONG_TYPE = {"tokenizer": 5}
@@ -86,3 +91,151 @@ def test_budget_with_layer_bits_is_refused_naming_both_and_pinned_layers() -> No
     # A saved checkpoint's config (older versions stored both) still loads.
     saved = AdaQuantConfig(size_budget=0.2, layer_bits={"conv1": (8, 8)}, checkpoint_layout={"version": 1})
     assert saved.size_budget == 0.2 and saved.layer_bits == {"conv1": (8, 8)}
+
+
+# ------------------------------------------------------------------------------------------ sections (issue #16)
+SECTION_TYPES = {"scheme": SchemeConfig, "optimizer": OptimizerConfig, "tuning": TuningConfig,
+                 "allocation": AllocationConfig, "resources": ResourcesConfig, "saved": SavedConfig,
+                 "on_load": QuantizeOnLoadConfig}
+# A valid value other than the default for every field.
+OTHER_VALUE = {
+    "weight_bits": 3, "activation_bits": None, "first_last_bits": None, "embedding_bits": None, "include": ["a*"],
+    "exclude": ["b"], "layer_bits": {"c": (8, 8)}, "weight_symmetric": True, "activation_symmetric": True,
+    "weight_range_method": "minmax", "activation_range_method": "mean_minmax", "pipeline": "light",
+    "variant": "parallel", "iterations": 7, "batch_size": 3, "max_step_elements": 99, "lr_weight": 0.5,
+    "lr_bias": 0.5, "lr_weight_scale": 0.5, "lr_act_scale": 0.5, "lr_zero_point": 0.5, "weight_deviation_limit": 2.0,
+    "weight_rounding": "learned", "reconstruction": "block", "activation_drop": 0.5,
+    "rounding_regularization": 0.5, "lr_rounding": 0.5, "bn_tuning": False, "bias_correction": False,
+    "bias_correction_method": "per_layer", "bias_tuning": False, "bias_tuning_steps": 3, "bias_tuning_lr": 0.5,
+    "bias_tuning_batch_size": 3, "bias_tuning_max_elements": 99, "size_budget": 0.5, "size_budget_unit": "bits",
+    "bops_budget": 0.5, "bops_budget_unit": "absolute", "candidate_weight_bits": [4], "candidate_activation_bits": [8],
+    "sensitivity_criterion": "mse", "pinned_layers": {"d": (8, None)}, "max_calibration_samples": 5,
+    "cache_dtype": "float32", "max_cache_bytes": 99, "staged_propagation": False, "seed": 5, "progress": False,
+    "version": 1, "quant_method": "adaquant", "checkpoint_layout": {"version": 1}, "dataset": "glue",
+    "tokenizer": "bert-base-uncased", "num_samples": 5, "max_length": 5, "dataset_config_name": "sst2",
+    "dataset_split": "validation", "text_column": "sentence", "calibration_batch_size": 5}
+NEEDS = {"activation_drop": {"reconstruction": "block"}}  # what another field must be for the value to be valid
+
+
+def test_every_field_has_one_section_and_a_test_value() -> None:
+    assert sorted(AdaQuantConfig.field_names()) == sorted(OTHER_VALUE)
+    assert list(AdaQuantConfig.SECTIONS) == list(SECTION_TYPES)
+    for section, section_type in SECTION_TYPES.items():
+        assert AdaQuantConfig.SECTIONS[section] is section_type
+        for name in section_type.field_names():
+            assert AdaQuantConfig.section_of(name) == section
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_VALUE))
+def test_flat_kwargs_and_section_access_agree(name: str) -> None:
+    value = OTHER_VALUE[name]
+    config = AdaQuantConfig(**{name: value, **NEEDS.get(name, {})})
+    section = getattr(config, AdaQuantConfig.section_of(name))
+    assert getattr(config, name) == getattr(section, name) == value
+    assert AdaQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # the same config built from its section, and from a dict of the section's fields (from_dict's nested form)
+    assert AdaQuantConfig(**{AdaQuantConfig.section_of(name): section}) == config
+    assert AdaQuantConfig.from_dict({AdaQuantConfig.section_of(name): section.values()}) == config
+    # writes go both ways, unvalidated (as on the dataclass this replaces)
+    other = AdaQuantConfig()
+    setattr(other, name, value)
+    assert getattr(getattr(other, AdaQuantConfig.section_of(name)), name) == value
+
+
+def test_sections_are_copied_not_shared() -> None:
+    config = AdaQuantConfig(include=["conv*"])
+    copy = config.replace(weight_bits=3)
+    assert copy.scheme is not config.scheme and config.weight_bits == 4 and copy.weight_bits == 3
+    copy.include.append("fc")
+    assert config.include == ["conv*"]
+    scheme = SchemeConfig(weight_bits=2)
+    built = AdaQuantConfig(scheme=scheme, weight_bits=3)  # flat names win over a section given whole
+    assert built.weight_bits == 3 and scheme.weight_bits == 2 and built.scheme is not scheme
+
+
+def test_sections_validate_and_refuse_unknown_fields() -> None:
+    with pytest.raises(ValueError, match=r"weight_bits must be an integer in 2..8"):
+        SchemeConfig(weight_bits=9)
+    with pytest.raises(ValueError, match=r"unknown SchemeConfig fields \['iterations'\]"):
+        AdaQuantConfig(scheme={"iterations": 3})
+    with pytest.raises(ValueError, match=r"scheme must be a SchemeConfig or a dict"):
+        AdaQuantConfig(scheme=OptimizerConfig())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'weight_bitz'"):
+        AdaQuantConfig(weight_bitz=4)
+    config = AdaQuantConfig()
+    config.weight_bits = 1  # assignment is not validated; validate() is
+    with pytest.raises(ValueError, match=r"weight_bits must be an integer in 2..8"):
+        config.validate()
+
+
+# config.json quantization_config written by the flat dataclass before sections (hf_adaquant 0.1.0)
+OLD_CONFIG_JSON = {
+    "quant_method": "adaquant", "weight_bits": 3, "activation_bits": 8, "pipeline": "advanced",
+    "variant": "sequential", "first_last_bits": 8, "embedding_bits": 8, "include": ["conv*"], "exclude": None,
+    "layer_bits": {"fc": [8, None]}, "weight_symmetric": False, "activation_symmetric": False,
+    "weight_range_method": "mse", "activation_range_method": "mse", "iterations": 7, "batch_size": 50,
+    "max_step_elements": 4194304, "lr_weight": 0.001, "lr_bias": 0.001, "lr_weight_scale": 0.001,
+    "lr_act_scale": 0.01, "lr_zero_point": 0.01, "weight_deviation_limit": None, "weight_rounding": "auto",
+    "reconstruction": "layer", "activation_drop": 0.0, "rounding_regularization": 0.01, "lr_rounding": 0.1,
+    "bn_tuning": True, "bias_correction": True, "bias_correction_method": "single_pass", "bias_tuning": False,
+    "bias_tuning_steps": 200, "bias_tuning_lr": 0.0001, "bias_tuning_batch_size": 32,
+    "bias_tuning_max_elements": 268435456, "size_budget": 0.25, "size_budget_unit": "fraction",
+    "bops_budget": None, "bops_budget_unit": "fraction", "candidate_weight_bits": [2, 3, 4, 8],
+    "candidate_activation_bits": [4, 8], "sensitivity_criterion": "kl", "pinned_layers": {"conv1": [8, 8]},
+    "max_calibration_samples": None, "cache_dtype": "float16", "max_cache_bytes": 4294967296,
+    "staged_propagation": True, "seed": 0, "progress": True, "version": 1,
+    "checkpoint_layout": {"version": 1, "layers": {}}, "num_samples": 128, "max_length": 128,
+    "dataset_config_name": None, "dataset_split": "train", "text_column": None, "calibration_batch_size": 8,
+    "dataset": "glue", "tokenizer": "bert-base-uncased"}
+
+
+@pytest.mark.parametrize("cls", [AdaQuantConfig, CoreAdaQuantConfig])
+def test_old_config_json_loads_and_writes_back_the_same(cls: type) -> None:
+    config = cls.from_dict(json.loads(json.dumps(OLD_CONFIG_JSON)))
+    assert config.layer_bits == {"fc": (8, None)} and config.optimizer.iterations == 7
+    assert config.on_load.dataset == "glue" and config.saved.checkpoint_layout == {"version": 1, "layers": {}}
+    assert config.to_dict() == OLD_CONFIG_JSON
+    # older still: written before the newer fields existed (they take their defaults)
+    older = {k: v for k, v in OLD_CONFIG_JSON.items()
+             if k not in ("embedding_bits", "weight_rounding", "reconstruction", "activation_drop",
+                          "rounding_regularization", "lr_rounding", "staged_propagation")}
+    assert cls.from_dict(older).embedding_bits == 8 and cls.from_dict(older).reconstruction == "layer"
+
+
+def test_core_config_is_the_public_one_without_transformers() -> None:
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    from hf_adaquant.integrations.transformers import AdaQuantHfQuantizer
+
+    assert issubclass(AdaQuantConfig, CoreAdaQuantConfig) and AdaQuantConfig.__name__ == CoreAdaQuantConfig.__name__
+    assert issubclass(AdaQuantConfig, QuantizationConfigMixin)
+    assert not issubclass(CoreAdaQuantConfig, QuantizationConfigMixin)
+    core = CoreAdaQuantConfig(weight_bits=3, dataset=["text"], tokenizer="bert-base-uncased")
+    public = AdaQuantConfig.from_config(core)
+    assert type(public) is AdaQuantConfig and public == core and public.on_load.dataset == ["text"]
+    assert AdaQuantConfig.from_config(public) is public
+    assert type(AdaQuantConfig().replace(weight_bits=3)) is AdaQuantConfig
+    # a config built by a core layer (a policy, a recipe) is accepted by the "adaquant" quantizer
+    quantizer = AdaQuantHfQuantizer(core, pre_quantized=False)
+    assert isinstance(quantizer.quantization_config, AdaQuantConfig) and quantizer.quantization_config == core
+    assert dict(public) == public.to_dict()  # transformers reads configs with dict(...)
+
+
+# Layers below serialization/integrations (tests/test_architecture.py's LAYERS): none may import transformers.
+CORE_PARTS = ("utils", "quant", "config", "policies", "report", "nn", "prepare", "calibrate", "distributed",
+              "adaquant", "tuning", "allocation", "quantize", "sweep", "size")
+
+
+def test_core_layers_do_not_import_transformers() -> None:
+    root = Path(hf_adaquant.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        part = path.relative_to(root).parts[0].removesuffix(".py")
+        if part not in CORE_PARTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):  # function-level imports too
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(root)}:{node.lineno}" for n in names
+                          if n == "transformers" or n.startswith("transformers.")]
+    assert not offenders, f"core modules importing transformers: {offenders}"

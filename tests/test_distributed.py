@@ -307,6 +307,111 @@ def test_fingerprint_records_processes_only_for_sequential() -> None:
     assert run_fingerprint(config, prepared.qmodel, changed, names, batches, 1)["model_weights"] != fp1["model_weights"]
 
 
+# A valid value other than the default for some fields of every section (the fingerprint must react to, or ignore,
+# any change: the values need not make a sensible run).
+_CHANGES = {
+    "weight_bits": 3, "activation_bits": None, "first_last_bits": None, "embedding_bits": None, "include": ["conv*"],
+    "layer_bits": {"conv1": (8, 8)}, "weight_symmetric": True, "activation_range_method": "minmax",
+    "pipeline": "light", "variant": "parallel", "iterations": 7, "batch_size": 3, "lr_weight": 0.5,
+    "weight_deviation_limit": 2.0, "weight_rounding": "learned", "reconstruction": "block", "activation_drop": 0.5,
+    "lr_rounding": 0.5, "rounding_regularization": 0.5, "bn_tuning": False, "bias_tuning": False,
+    "bias_tuning_steps": 3, "bias_tuning_lr": 0.5, "bias_correction_method": "per_layer", "size_budget": 0.5,
+    "candidate_weight_bits": [4], "sensitivity_criterion": "mse", "pinned_layers": {"fc": (8, None)},
+    "max_calibration_samples": 5, "cache_dtype": "float32", "max_cache_bytes": 99, "staged_propagation": False,
+    "seed": 5, "progress": True, "checkpoint_layout": {"version": 1}, "dataset": "glue", "num_samples": 5,
+    "text_column": "sentence"}
+
+
+def _fingerprint_parts() -> tuple:
+    from hf_adaquant import prepare_model
+
+    model, batches = _data()
+    config = _config("sequential")
+    prepared = prepare_model(model, batches[0], config)
+    return config, prepared, list(prepared.plan), batches
+
+
+@pytest.mark.parametrize("name", sorted(_CHANGES))
+def test_fingerprint_holds_exactly_the_fields_the_layer_phase_reads(name: str) -> None:
+    """A field the per-layer phase reads (ADAQUANT_LAYERS: scheme, optimiser, seed, cache precision) changes the
+    work dir's fingerprint; any other (tuning, allocation, quantize-on-load, progress...) does not."""
+    from hf_adaquant.config.stages import ADAQUANT_LAYERS
+
+    config, prepared, names, batches = _fingerprint_parts()
+    changed = config.replace()
+    setattr(changed, name, _CHANGES[name])  # unvalidated: the fingerprint must react to any change
+    before = run_fingerprint(config, prepared.qmodel, prepared.fp_model, names, batches, 1)
+    after = run_fingerprint(changed, prepared.qmodel, prepared.fp_model, names, batches, 1)
+    assert sorted(before["config"]) == sorted(ADAQUANT_LAYERS.reads)
+    if name in ADAQUANT_LAYERS.reads:
+        assert after != before, f"{name} is read by the per-layer phase but not in the work-dir fingerprint"
+    else:
+        assert after == before, f"{name} is not read by the per-layer phase but changes the work-dir fingerprint"
+
+
+def test_every_scheme_and_optimizer_field_is_in_the_fingerprint() -> None:
+    from hf_adaquant.config import OptimizerConfig, SchemeConfig
+    from hf_adaquant.config.stages import ADAQUANT_LAYERS
+
+    assert set(SchemeConfig.field_names()) | set(OptimizerConfig.field_names()) <= set(ADAQUANT_LAYERS.reads)
+    for section in ("tuning", "allocation", "saved", "on_load"):
+        assert not set(ADAQUANT_LAYERS.reads) & set(getattr(_config("parallel"), section).field_names()), section
+
+
+def test_resume_accepted_when_only_unread_fields_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = _data()
+    work = tmp_path / "work"
+    config = _config("parallel", iterations=1, bias_tuning=False, bn_tuning=False)
+    quantize(model, batches, config, work_dir=work)
+    seen = _count_optimised(monkeypatch)
+    # bias tuning, BN tuning, quantize-on-load and progress fields: the finished layers are reused as they are
+    quantize(model, batches, config.replace(bias_tuning=True, bias_tuning_steps=2, bn_tuning=True, num_samples=3,
+                                            dataset="glue", progress=False), work_dir=work)
+    assert seen == []
+    with pytest.raises(WorkDirMismatchError, match=r"config\.lr_weight: 0\.001 \(work dir\) != 0\.5"):
+        quantize(model, batches, config.replace(lr_weight=0.5), work_dir=work)
+    with pytest.raises(WorkDirMismatchError, match=r"config\.weight_symmetric: False \(work dir\) != True"):
+        quantize(model, batches, config.replace(weight_symmetric=True), work_dir=work)
+
+
+def test_work_dir_fingerprinted_with_every_field_still_resumes(tmp_path: Path) -> None:
+    """Work dirs written when the fingerprint held the whole config: fields it no longer holds are not compared."""
+    config, prepared, names, batches = _fingerprint_parts()
+    fingerprint = run_fingerprint(config, prepared.qmodel, prepared.fp_model, names, batches, 1)
+    old = json.loads(json.dumps({**fingerprint, "config": {**config.to_dict(), **fingerprint["config"]}}))
+    work = WorkDir(tmp_path / "work")
+    work.prepare(old)
+    work.save_layer(names[0], prepared.qmodel.get_submodule(names[0]), {})
+    work.prepare(run_fingerprint(config.replace(bias_tuning_steps=3), prepared.qmodel, prepared.fp_model, names,
+                                 batches, 1))  # accepted
+    with pytest.raises(WorkDirMismatchError, match=r"config\.iterations"):
+        work.prepare(run_fingerprint(config.replace(iterations=1), prepared.qmodel, prepared.fp_model, names,
+                                     batches, 1))
+
+
+@pytest.mark.parametrize("variant, changes", [("parallel", {}), ("sequential", {}),
+                                              ("sequential", {"reconstruction": "block"})])
+def test_the_layer_phase_reads_only_declared_fields(variant: str, changes: dict,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded reads of prepare_model + run_adaquant lie inside ADAQUANT_LAYERS (its fingerprint fields plus the
+    route fields that do not change results): a field the phase starts reading undeclared fails here."""
+    from hf_adaquant import prepare_model
+    from hf_adaquant.adaquant import run_adaquant
+    from hf_adaquant.config.stages import ADAQUANT_LAYERS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from config_reads import record_config_reads
+
+    model, batches = _resnet_data() if changes else _data()
+    config = _config(variant, iterations=1, **changes)
+    reads = record_config_reads(monkeypatch)
+    prepared = prepare_model(model, batches[0], config)
+    run_adaquant(prepared.qmodel, prepared.fp_model, list(prepared.plan), batches, config)
+    declared = set(ADAQUANT_LAYERS.reads + ADAQUANT_LAYERS.route)
+    assert reads, "nothing recorded: the recorder does not see the config's reads"
+    assert reads <= declared, f"read but not declared in hf_adaquant.config.stages: {sorted(reads - declared)}"
+
+
 @pytest.mark.parametrize("variant", ["parallel", "sequential"])
 def test_killed_run_resumes_to_the_uninterrupted_result(variant: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:

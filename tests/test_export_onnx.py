@@ -166,34 +166,40 @@ def _optimized_graph(path: Path, tmp_path: Path) -> onnx.GraphProto:
     return onnx.load(str(tmp_path / "optimized.onnx")).graph
 
 
-@pytest.mark.parametrize("setting", ["W4A8", "W8A8", "W4A4"])
+@pytest.mark.parametrize("setting", ["W4A8", "W8A8", "W8A8-symmetric", "W4A4"])
 def test_fused_style_gives_onnxruntime_int8_weights_it_folds_at_load(cnn_models, setting: str,
                                                                        tmp_path: Path) -> None:
     """op_style="fused" (default): a conv whose output is requantized, and the linear head, read int8 codes that
     Cast/Sub nodes compute from the stored codes (kept in their own type: 4-bit stays 4-bit); other convs read
     weights dequantized by foldable nodes. onnxruntime folds all of them at load: no weight is dequantized per run,
     the requantized convs run as QLinearConv, and the numbers are PyTorch's."""
-    if setting == "W4A8":
+    weight_bits, activation_bits = int(setting[1]), int(setting[3])
+    if setting in ("W4A8", "W8A8-symmetric"):
         batches = make_batches(2, 16)
-        qmodel = quantize(make_tiny_cnn(0, batches), batches, light(4, 8))
+        config = light(weight_bits, activation_bits)
+        config.weight_symmetric = setting.endswith("symmetric")
+        qmodel = quantize(make_tiny_cnn(0, batches), batches, config)
     else:
         qmodel, batches = cnn_models[setting]
-    weight_bits, activation_bits = int(setting[1]), int(setting[3])
     path = export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2])  # the default style
     graph = onnx.load(str(path)).graph
     names = {n.name for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
-    # W4A8: codes - zero-point fit int8 (dw: its ReLU6 clips before the next QuantizeLinear); W8 (per-channel
-    # asymmetric): only the linear head's codes - 128 do; A4: the bias rounding of the integer kernels would be
-    # too coarse, so convolutions stay float
-    int8_convs = ["conv1", "conv2"] if (weight_bits, activation_bits) == (4, 8) else []
+    # W4A8 and symmetric W8A8: codes - zero-point fit int8 (dw: its ReLU6 before the next QuantizeLinear holds
+    # that grid's whole range, so onnxruntime drops it); W8 per-channel asymmetric: only the linear head's
+    # codes - 128 do; A4: the bias rounding of the integer kernels would be too coarse, so convolutions stay float
+    int8_convs = ["conv1", "conv2", "dw"] if setting in ("W4A8", "W8A8-symmetric") else []
+    grid = qmodel.pw.input_quantizer  # the grid after dw's ReLU6: within [0, 6]
+    top = float(((grid.qmax - grid.zero_point.round()) * grid.step()).max())
+    assert float(grid.zero_point.round().min()) == 0.0 and 0.0 < top <= 6.0
     for layer in (*int8_convs, "fc"):
-        assert f"{layer}.weight_cast_int8" in names, layer
+        assert f"{layer}.weight_zero_point_int8" in inits, layer
     for layer in {"conv1", "conv2", "dw", "pw"} - set(int8_convs):  # pw: its output stays float
         assert f"{layer}.weight_mul_step" in names, layer
     for layer in ("conv1", "conv2", "dw", "pw", "fc"):
         codes = inits[f"{layer}.weight_quantized"]
-        assert codes.data_type == (onnx.TensorProto.UINT4 if weight_bits == 4 else onnx.TensorProto.UINT8), layer
+        assert codes.data_type in ((onnx.TensorProto.UINT4, onnx.TensorProto.INT4) if weight_bits == 4 else
+                                   (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)), layer
     optimized = _optimized_graph(path, tmp_path)
     constants = {t.name for t in optimized.initializer}
     assert len([n for n in optimized.node if n.op_type == "QLinearConv"]) == len(int8_convs)
@@ -215,6 +221,24 @@ def test_fused_style_gives_onnxruntime_int8_weights_it_folds_at_load(cnn_models,
                                     integer_kernels=level == ALL and (weight_bits == 8 or bool(int8_convs)))
         if level == NONE:
             assert stats["max_abs_diff"] <= 1e-5 * stats["scale"], stats
+
+
+def test_asymmetric_8bit_weights_are_named_with_the_fix(cnn_models, tmp_path: Path, caplog) -> None:
+    """8-bit per-channel asymmetric weights keep requantized convolutions off onnxruntime's int8 kernels: the
+    export says which and how to deploy them as int8 (symmetric weights); a symmetric model gets no warning."""
+    qmodel, batches = cnn_models["W8A8"]
+    with caplog.at_level("WARNING", logger="hf_adaquant.export.onnx"):
+        export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "weight_symmetric=True" in warnings[0], warnings
+    assert "3 convolutions (conv1, conv2, dw)" in warnings[0]
+    caplog.clear()
+    config = light(8, 8)
+    config.weight_symmetric = True
+    symmetric = quantize(make_tiny_cnn(0, batches), batches, config)
+    with caplog.at_level("WARNING", logger="hf_adaquant.export.onnx"):
+        export_onnx(symmetric, tmp_path / "s.onnx", batches[0][:2])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_op_style_is_validated(cnn_models, tmp_path: Path) -> None:
@@ -457,6 +481,15 @@ def test_cli_export_of_timm_and_transformers_checkpoints(tiny_bert, tmp_path: Pa
     outputs, codes = run_onnx(tmp_path / "timm.onnx", {"x": x.numpy()}, NONE)
     ref, ref_codes = torch_codes(qmodel, x)
     assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes)
+
+    # --op-style qdq: plain pairs, no int8 weight codes computed for onnxruntime's kernels (the default has them)
+    assert main(["export", "--checkpoint", str(tmp_path / "timm"), "--output", str(tmp_path / "qdq.onnx"),
+                 "--op-style", "qdq"]) == 0
+    capsys.readouterr()
+    fused_names = {t.name for t in onnx.load(str(tmp_path / "timm.onnx")).graph.initializer}
+    qdq_names = {t.name for t in onnx.load(str(tmp_path / "qdq.onnx")).graph.initializer}
+    assert any(n.endswith(".weight_zero_point_int8") for n in fused_names)
+    assert not any(n.endswith(".weight_zero_point_int8") for n in qdq_names)
 
     assert main(["export", "--checkpoint", str(tmp_path / "timm"), "--output", str(tmp_path / "low.onnx"),
                  "--opset", "20"]) == 2

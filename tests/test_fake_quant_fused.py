@@ -108,8 +108,8 @@ def test_quantizer_training_steps_follow_the_reference() -> None:
         w = torch.nn.Parameter(w0.clone())
         opt = torch.optim.Adam([w, wq.scale, wq.zero_point, iq.scale, iq.zero_point], lr=1e-3)
         for _ in range(5):
-            wqv = fq(w, wq._broadcast(wq._step(), w), wq._broadcast(wq.zero_point, w), wq.qmin, wq.qmax)
-            xq = fq(xs, iq._step().reshape(()), iq.zero_point.reshape(()), iq.qmin, iq.qmax)
+            wqv = fq(w, wq.broadcast(wq.step(), w), wq.broadcast(wq.zero_point, w), wq.qmin, wq.qmax)
+            xq = fq(xs, iq.step().reshape(()), iq.zero_point.reshape(()), iq.qmin, iq.qmax)
             loss = torch.nn.functional.mse_loss(xq @ wqv.T, target)
             opt.zero_grad()
             loss.backward()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +13,19 @@ from hf_adaquant import AdaQuantConfig
 from hf_adaquant.allocation import sensitivity as sensitivity_module
 from hf_adaquant.allocation.sensitivity import (SENSITIVITY_ADVANCED_FIELDS, SENSITIVITY_FIELDS, measure_sensitivity,
                                                 sensitivity_fingerprint)
+from hf_adaquant.config.stages import SENSITIVITY, SENSITIVITY_ADVANCED
 
-CONFIG_FIELDS = [f.name for f in dataclasses.fields(AdaQuantConfig)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config_reads import record_config_reads  # noqa: E402
+
+CONFIG_FIELDS = list(AdaQuantConfig.field_names())
 LAYER_NAMES = ["0", "2", "4"]
 
 
 def _with(config: AdaQuantConfig, name: str, value: object) -> AdaQuantConfig:
     """``config`` with one attribute set to ``value``, unvalidated: the key must react to any change."""
-    changed = dataclasses.replace(config)
-    object.__setattr__(changed, name, value)
+    changed = config.replace()
+    setattr(changed, name, value)
     return changed
 
 
@@ -34,6 +38,8 @@ def test_declared_fields_are_config_fields() -> None:
     assert not unknown, f"SENSITIVITY_FIELDS name fields AdaQuantConfig does not have: {unknown}"
     # the fields issue #16 found missing from the old allow-list
     assert {"weight_rounding", "rounding_regularization", "lr_rounding"} <= set(SENSITIVITY_ADVANCED_FIELDS)
+    # one declaration, with the other stages' (hf_adaquant.config.stages)
+    assert SENSITIVITY_FIELDS == SENSITIVITY.reads and SENSITIVITY_ADVANCED_FIELDS == SENSITIVITY_ADVANCED.reads
 
 
 @pytest.mark.parametrize("pipeline", ["light", "advanced"])
@@ -83,3 +89,19 @@ def test_cache_is_reused_or_recomputed_end_to_end(tmp_path: Path, monkeypatch: p
     measure_sensitivity(model, batches, config.replace(lr_rounding=config.lr_rounding * 2), cache_path=path,
                         progress=False)
     assert len(fits) == 3 * 2  # three layers x two options: recomputed
+
+
+@pytest.mark.parametrize("pipeline", ["light", "advanced"])
+def test_the_measurement_reads_only_declared_fields(pipeline: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the code reads, recorded, is inside the declaration (its key fields, plus the route fields that do not
+    change the values): a field the measurement starts reading without declaring it fails here."""
+    model, batches = _tiny()
+    config = AdaQuantConfig(pipeline=pipeline, first_last_bits=None, candidate_weight_bits=[2, 4],
+                            candidate_activation_bits=[8], iterations=2, batch_size=8, progress=False)
+    reads = record_config_reads(monkeypatch)
+    measure_sensitivity(model, batches, config, progress=False)
+    declared = set(SENSITIVITY.reads + SENSITIVITY.route)
+    if pipeline == "advanced":
+        declared |= set(SENSITIVITY_ADVANCED.reads)
+    assert reads, "nothing recorded: the recorder does not see the config's reads"
+    assert reads <= declared, f"read but not declared in hf_adaquant.config.stages: {sorted(reads - declared)}"

@@ -103,25 +103,9 @@ def test_resnet_layers_see_the_whole_model_inputs_with_linear_work(monkeypatch: 
     assert runs[False] > 2 * runs[True]
 
 
-def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                        vocab_size=60, max_position_embeddings=32, num_labels=3)
-    model = BertForSequenceClassification(config).eval()
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for n in (4, 3):
-        mask = torch.ones(n, 12, dtype=torch.long)
-        mask[0, 7:] = 0  # padding: the attention mask must reach every layer
-        mask[1, 10:] = 0
-        batches.append({"input_ids": torch.randint(5, 60, (n, 12), generator=g), "attention_mask": mask})
-    return model, batches
-
-
-def test_bert_layers_see_the_whole_model_inputs_with_padding_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, batches = _bert()
+def test_bert_layers_see_the_whole_model_inputs_with_padding_mask(padded_tiny_bert,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = padded_tiny_bert
     config = _config(weight_bits=4, activation_bits=8)
     prepared = prepare_model(copy.deepcopy(model), batches[0], config)
     names = list(prepared.plan)

@@ -1,6 +1,7 @@
 """AdaQuant: layer-wise optimisation of weights, biases and quantization steps."""
 
-from .cache import IOCache, capture_layer_io
+from .capture import capture_layer_io
+from .iocache import IOCache
 from .layerwise import LayerReport, optimize_layer
 from .runner import run_adaquant
 

@@ -2,10 +2,10 @@
 
 AdaQuant fits each layer's output on its own. Here every quantized layer of one stage of the staged engine (a
 residual block, a transformer layer) is optimised jointly, with the parameters AdaQuant trains per layer (``W'``
-or learned rounding, weight and input steps, biases: :func:`~hf_adaquant.adaquant.layerwise.optimize_layer`'s
-Adam groups and rates), on the MSE of the block's output against the FP block's output. The block's inputs are
-the quantized model's stage boundary (the quantized prefix, as optimised so far), its targets the FP block run
-on the FP boundary (:meth:`~hf_adaquant.adaquant.staged.StagedRunner.fp_block_outputs`).
+or learned rounding, weight and input steps, biases: the Adam groups and rates of
+:func:`~hf_adaquant.adaquant.optim.param_groups`), on the MSE of the block's output against the FP block's output.
+The block's inputs are the quantized model's stage boundary (the quantized prefix, as optimised so far), its
+targets the FP block run on the FP boundary (:meth:`~hf_adaquant.adaquant.staged.StagedRunner.fp_block_outputs`).
 
 With ``activation_drop = p`` each element of each layer input is left in float with probability ``p`` during the
 optimisation steps (QDrop); evaluations and the final model quantize every element.
@@ -25,14 +25,15 @@ from torch.utils import _pytree as pytree
 from ..calibrate import init_weight_range
 from ..config import AdaQuantConfig
 from ..nn import QModuleMixin
-from . import layerwise
-from .layerwise import LayerReport, init_input_range
+from .evaluation import EVAL_SAMPLES
+from .layerwise import LayerReport
+from .optim import (PerChannelSteps, improves, limit_weight_deviation, loss_scale, param_groups,
+                    state_without_rounding, uses_learned_rounding)
+from .ranges import init_input_range
 from .rounding import LearnedRounding, annealed_beta
 from .staged import StagedRunner
 
 __all__ = ["drop_inputs", "optimize_block"]
-
-_EVAL_SAMPLES = 512  # as layerwise: block MSE before/after is measured on at most this many calibration samples
 
 
 def _dropped_input(quantizer: nn.Module, p: float, generator: torch.Generator, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +102,7 @@ def _forward(block: nn.Module, args: tuple, kwargs: dict, target: torch.Tensor) 
 def _evaluate(block: nn.Module, data: _BlockData) -> float:
     total, count = 0.0, 0
     for index, n in enumerate(data.sizes):
-        if count >= _EVAL_SAMPLES:
+        if count >= EVAL_SAMPLES:  # as layerwise: at most this many calibration samples
             break
         args, kwargs, target = data.get(index)
         total += float(_forward(block, args, kwargs, target)) * n
@@ -110,7 +111,7 @@ def _evaluate(block: nn.Module, data: _BlockData) -> float:
 
 
 def _states(layers: Mapping[str, QModuleMixin]) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: layerwise._state_without_rounding(layer) for name, layer in layers.items()}
+    return {name: state_without_rounding(layer) for name, layer in layers.items()}
 
 
 def optimize_block(
@@ -148,17 +149,16 @@ def optimize_block(
     roundings: dict[str, LearnedRounding] = {}
     for layer_name, layer in layers.items():
         bits = layer.weight_quantizer.bits
-        if config.iterations > 0 and (config.weight_rounding == "learned" or (
-                config.weight_rounding == "auto" and bits <= layerwise.AUTO_LEARNED_ROUNDING_MAX_BITS)):
+        if config.iterations > 0 and uses_learned_rounding(config, bits):
             roundings[layer_name] = layer.weight_rounding = LearnedRounding(layer.weight, layer.weight_quantizer)
-    groups = [g for n, layer in layers.items() for g in layerwise._param_groups(layer, config, roundings.get(n))]
+    groups = [g for n, layer in layers.items() for g in param_groups(layer, config, roundings.get(n))]
     per_sample = max(1, _output(data.targets.get(0)).numel() // max(data.sizes[0], 1))
     step_batch = max(1, min(config.batch_size, config.max_step_elements // per_sample))
     checkpoint_every = max(1, config.iterations // 5)
     try:
         if config.iterations > 0 and groups:
             optimizer = torch.optim.Adam(groups)
-            per_channel = [layerwise._PerChannelSteps(layer) for n, layer in layers.items() if n not in roundings]
+            per_channel = [PerChannelSteps(layer) for n, layer in layers.items() if n not in roundings]
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations)
             for step in range(1, config.iterations + 1):
                 for layer in layers.values():
@@ -174,7 +174,7 @@ def optimize_block(
                 beta = annealed_beta(step, config.iterations) if roundings else None
                 if beta is not None:
                     # Each layer's regulariser weighs as in layer mode (against its own relative MSE there).
-                    loss = loss / layerwise._loss_scale(mse_before) + config.rounding_regularization * sum(
+                    loss = loss / loss_scale(mse_before) + config.rounding_regularization * sum(
                         r.regularizer(beta) for r in roundings.values()) / len(roundings)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -187,7 +187,7 @@ def optimize_block(
                 if config.weight_deviation_limit is not None:
                     for n_, layer in layers.items():
                         if n_ not in roundings:
-                            layerwise._limit_weight_deviation(layer, originals[n_], config.weight_deviation_limit)
+                            limit_weight_deviation(layer, originals[n_], config.weight_deviation_limit)
                 if step % checkpoint_every == 0 or step == config.iterations:
                     best_mse, best_state = _checkpoint(block, layers, roundings, data, best_mse, best_state)
     finally:
@@ -213,7 +213,7 @@ def _checkpoint(block: nn.Module, layers: Mapping[str, QModuleMixin], roundings:
         r.hard = True
     try:
         mse = _evaluate(block, data)
-        if layerwise._improves(mse, best_mse):
+        if improves(mse, best_mse):
             with torch.no_grad():
                 for layer_name, r in roundings.items():
                     layers[layer_name].weight.copy_(r.hard_weight())

@@ -32,8 +32,8 @@ class LearnedRounding(nn.Module):
     def __init__(self, weight: torch.Tensor, quantizer: Quantizer) -> None:
         super().__init__()
         with torch.no_grad():
-            scale = quantizer._broadcast(quantizer._step(), weight).detach().clone()
-            zero_point = torch.round(quantizer._broadcast(quantizer.zero_point, weight)).detach().clone()
+            scale = quantizer.broadcast(quantizer.step(), weight).detach().clone()
+            zero_point = torch.round(quantizer.broadcast(quantizer.zero_point, weight)).detach().clone()
             scaled = weight.detach() / scale
             floor = torch.floor(scaled)
             # Start at the float position: h(alpha) = frac(W / s), i.e. no rounding decision made yet.

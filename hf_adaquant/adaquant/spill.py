@@ -5,6 +5,8 @@
 * :class:`SpillDir` is the ONE temporary directory of a run's spilled chunks. It is created on the first spill and
   removed by :meth:`SpillDir.close` (the runners call it in ``finally``: success, failure and Ctrl-C). A full disk
   raises :class:`SpillError` naming the directory and the size needed, rather than a bare ``OSError``.
+* :class:`Holdings` is what one store holds: bytes counted in the budget and the spill files it wrote, given back
+  together by :meth:`Holdings.release` (the layer caches' stores and :class:`TreeStore` alike).
 * :class:`TreeStore` keeps one nested structure of tensors per calibration batch (a stage boundary: a block's
   positional and keyword inputs, or its output), exactly: dtypes are kept, nothing is rounded.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["CacheBudget", "SpillDir", "SpillError", "TreeStore", "load_chunk", "save_chunk"]
+__all__ = ["CacheBudget", "Holdings", "SpillDir", "SpillError", "TreeStore", "load_chunk", "save_chunk"]
 
 _MiB = float(1 << 20)
 
@@ -115,6 +117,36 @@ class SpillDir:
         self.close()
 
 
+class Holdings:
+    """What one store holds for a run: ``in_memory`` bytes counted in ``budget`` (if any) and the files it spilled.
+
+    The store adds to ``in_memory`` what it keeps in memory; :meth:`spill` writes a chunk and records its file;
+    :meth:`release` gives the bytes back to the budget and removes the files (a directory stays: it is the run's
+    :class:`SpillDir`, or the store's own).
+    """
+
+    def __init__(self, budget: CacheBudget | None = None) -> None:
+        self.budget = budget
+        self.in_memory = 0
+        self.files: list[str] = []
+
+    def spill(self, path: str, t: torch.Tensor, what: str, spill: SpillDir | None) -> None:
+        """Write CPU tensor ``t`` to ``path`` with :func:`save_chunk` (``spill``: the directory's byte count and
+        its message) and record the file for :meth:`release`."""
+        save_chunk(path, t, what, spill)
+        self.files.append(path)
+
+    def release(self) -> None:
+        """Return the in-memory bytes to the budget and remove the spilled files (idempotent)."""
+        if self.budget is not None:
+            self.budget.release(self.in_memory)
+        self.in_memory = 0
+        for path in self.files:
+            if os.path.exists(path):
+                os.remove(path)
+        self.files = []
+
+
 class TreeStore:
     """One nested structure (tuples, lists, dicts of tensors and plain values) per batch, stored exactly.
 
@@ -125,8 +157,7 @@ class TreeStore:
     def __init__(self, budget: CacheBudget, spill: SpillDir, what: str) -> None:
         self.budget, self.spill, self.what = budget, spill, what
         self._items: dict[int, tuple[list[Any], Any]] = {}
-        self._in_memory = 0
-        self._files: list[str] = []
+        self._held = Holdings(budget)
 
     def put(self, index: int, tree: Any) -> None:
         leaves, spec = pytree.tree_flatten(tree)
@@ -135,15 +166,14 @@ class TreeStore:
             if isinstance(leaf, torch.Tensor):
                 nbytes = leaf.numel() * leaf.element_size()
                 if self.budget.reserve(nbytes):
-                    self._in_memory += nbytes
+                    self._held.in_memory += nbytes
                     stored.append(leaf.detach().to("cpu", copy=True))  # a copy: the caller may reuse its tensor
                 else:
                     t = leaf.detach().to("cpu")
                     channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
                         memory_format=torch.channels_last)
                     path = self.spill.new_path("boundary")
-                    save_chunk(path, t.contiguous(), f"{self.what} (batch {index})", self.spill)
-                    self._files.append(path)
+                    self._held.spill(path, t.contiguous(), f"{self.what} (batch {index})", self.spill)
                     stored.append(_Spilled(path, t.dtype, channels_last))
             else:
                 stored.append(leaf)
@@ -171,9 +201,4 @@ class TreeStore:
     def clear(self) -> None:
         """Free the memory and files of this store (the spill directory itself stays for the run)."""
         self._items.clear()
-        self.budget.release(self._in_memory)
-        self._in_memory = 0
-        for path in self._files:
-            if os.path.exists(path):
-                os.remove(path)
-        self._files = []
+        self._held.release()

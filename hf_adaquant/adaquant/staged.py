@@ -26,7 +26,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..utils.batches import Batch, CalibrationBatchError
-from .cache import IOCache, NonFiniteActivationError, _StopForward, capture_with, model_calls
+from ..utils.hooks import hooks
+from .capture import StopForward, capture_with, model_calls
+from .iocache import IOCache, NonFiniteActivationError
 from .spill import CacheBudget, SpillDir, TreeStore
 from .stages import StagePlan, find_stage_plan, skip_blocks
 
@@ -137,7 +139,7 @@ class StagedRunner:
             args, kwargs = self._block_inputs(side, i, index)
             try:
                 return block(*args, **kwargs)
-            except (_StopForward, NonFiniteActivationError, CalibrationBatchError):
+            except (StopForward, NonFiniteActivationError, CalibrationBatchError):
                 raise
             except (MemoryError, torch.cuda.OutOfMemoryError, OSError) as exc:
                 exc.add_note(f"while running block {self.plan.blocks[i]!r} on calibration batch {index}")
@@ -162,18 +164,15 @@ class StagedRunner:
 
         def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
             side.first.put(index, (args, kwargs))
-            raise _StopForward
+            raise StopForward
 
-        handle = first.register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        with hooks([(first, keep)], "pre", with_kwargs=True):
             for index, call in enumerate(model_calls(side.model, self.batches)):
                 try:
                     call()
-                except _StopForward:
+                except StopForward:
                     continue
                 raise RuntimeError(f"block {self.plan.blocks[0]!r} did not run during the forward pass")
-        finally:
-            handle.remove()
 
     @torch.no_grad()
     def _compute_block(self, side: _Side, i: int) -> TreeStore:

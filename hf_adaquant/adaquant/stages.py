@@ -30,6 +30,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..utils.batches import Batch, batch_size, call_model, slice_batch
+from ..utils.hooks import hooks
+from ..utils.modules import eval_mode
 
 __all__ = ["StagePlan", "candidate_cuts", "find_stage_plan", "skip_blocks"]
 
@@ -196,18 +198,11 @@ def _check_cut(model: nn.Module, blocks: list[str], layer_names: Sequence[str], 
         events.append(("layer", name))
         counts[name] = counts.get(name, 0) + 1
 
-    handles = []
-    for b in blocks:
-        module = model.get_submodule(b)
-        handles.append(module.register_forward_pre_hook(lambda m, a, k, b=b: on_start(b, a, k), with_kwargs=True))
-        handles.append(module.register_forward_hook(lambda m, a, o, b=b: on_end(b, o)))
-    for name in layer_names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: on_layer(n)))
-    try:
+    starts = [(model.get_submodule(b), lambda m, a, k, b=b: on_start(b, a, k)) for b in blocks]
+    ends = [(model.get_submodule(b), lambda m, a, o, b=b: on_end(b, o)) for b in blocks]
+    layers = [(model.get_submodule(name), lambda m, a, n=name: on_layer(n)) for name in layer_names]
+    with hooks(starts, "pre", with_kwargs=True), hooks(ends), hooks(layers, "pre"):
         final = call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     for name in [*blocks, *layer_names]:
         if counts.get(name, 0) != 1:
             raise ValueError(f"{name!r} runs {counts.get(name, 0)} times in one forward pass (a chain needs once)")
@@ -262,10 +257,8 @@ def find_stage_plan(model: nn.Module, layer_names: Sequence[str], batch: Batch) 
     if not cuts:
         return None, "no nn.Sequential / nn.ModuleList container holds blocks of quantized layers"
     sample = slice_batch(batch, 0, min(2, batch_size(batch)))
-    was_training = model.training
-    model.eval()
     reasons = []
-    try:
+    with eval_mode(model):
         for blocks in cuts:
             try:
                 plan = _check_cut(model, blocks, layer_names, sample)
@@ -280,6 +273,4 @@ def find_stage_plan(model: nn.Module, layer_names: Sequence[str], batch: Batch) 
                 reasons.append(f"cut at {blocks[0]!r}..: the layers are not listed in stage order")
                 continue
             return plan, ""
-    finally:
-        model.train(was_training)
     return None, "; ".join(reasons)

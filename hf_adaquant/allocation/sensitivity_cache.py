@@ -1,8 +1,10 @@
 """The sensitivity cache: a JSON file keyed by a fingerprint of everything the measured matrix depends on.
 
-The fingerprint holds exactly the config fields the measurement reads (:data:`SENSITIVITY_FIELDS`, plus
-:data:`SENSITIVITY_ADVANCED_FIELDS` in the advanced pipeline), the layer names and hashes of the model weights and
-calibration data (:mod:`hf_adaquant.utils.hashing`, sampled layout: caches written before stay valid).
+The fingerprint holds exactly the config fields the measurement reads, as declared in
+:mod:`hf_adaquant.config.stages` (:data:`~hf_adaquant.config.stages.SENSITIVITY`, plus
+:data:`~hf_adaquant.config.stages.SENSITIVITY_ADVANCED` in the advanced pipeline), the layer names and hashes of
+the model weights and calibration data (:mod:`hf_adaquant.utils.hashing`, sampled layout: caches written before
+stay valid).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import AdaQuantConfig
+from ..config.stages import SENSITIVITY, SENSITIVITY_ADVANCED
 from ..utils.files import atomic_write_text
 from ..utils.hashing import update_sampled
 from .criteria import LossFn
@@ -30,21 +33,14 @@ logger = logging.getLogger("hf_adaquant.allocation.sensitivity")  # the measurem
 
 SENSITIVITY_CACHE_VERSION = 2  # 2: the key holds the rounding fields (weight_rounding, lr_rounding, ...)
 
-# The config fields this stage reads, directly or through prepare_model, build_problem/policy_pins and _fit_layer
-# (range initialisation, and optimize_layer in the advanced pipeline). The cache key is built from exactly these:
-# a change to one of them recomputes, a change to any other field (bias tuning, budgets, progress...) reuses the
-# cache. ``activation_bits`` is read only as "weight-only or not" (``candidate_activation_bits`` give the bits),
-# so the key holds that flag instead; ``max_cache_bytes`` only bounds memory (same values). Keep in step with the
-# code when it reads a new field (tests check the key).
-SENSITIVITY_FIELDS: tuple[str, ...] = (
-    "pipeline", "first_last_bits", "include", "exclude", "pinned_layers", "candidate_weight_bits",
-    "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
-    "weight_range_method", "activation_range_method", "max_calibration_samples", "seed", "cache_dtype",
-    "embedding_bits")
+# The config fields this stage reads (directly or through prepare_model, build_problem/policy_pins and _fit_layer)
+# are declared with the other stages' in hf_adaquant.config.stages; the cache key is built from exactly those: a
+# change to one of them recomputes, a change to any other field (bias tuning, budgets, progress...) reuses the cache.
+# ``activation_bits`` is read only as "weight-only or not" (``candidate_activation_bits`` give the bits), so the key
+# holds that flag instead.
+SENSITIVITY_FIELDS: tuple[str, ...] = SENSITIVITY.reads
 """Config fields the sensitivity measurement reads in either pipeline."""
-SENSITIVITY_ADVANCED_FIELDS: tuple[str, ...] = (
-    "iterations", "batch_size", "max_step_elements", "lr_weight", "lr_bias", "lr_weight_scale", "lr_act_scale",
-    "lr_zero_point", "weight_deviation_limit", "weight_rounding", "rounding_regularization", "lr_rounding")
+SENSITIVITY_ADVANCED_FIELDS: tuple[str, ...] = SENSITIVITY_ADVANCED.reads
 """Config fields it reads in the advanced pipeline only (AdaQuant's, through ``optimize_layer``)."""
 
 
@@ -80,10 +76,6 @@ def hash_data(items: Sequence[Any], max_elements: int = 1 << 16) -> str:
     return h.hexdigest()[:16]
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))
-
-
 def sensitivity_fingerprint(
     config: AdaQuantConfig, layer_names: Sequence[str], *, model_hash: str = "", data_hash: str = "",
     labels_hash: str = "", loss_fn: LossFn | None = None, max_eval_samples: int | None = None,
@@ -91,9 +83,10 @@ def sensitivity_fingerprint(
     """What a cached sensitivity matrix depends on: the config fields the measurement reads
     (:data:`SENSITIVITY_FIELDS`, plus :data:`SENSITIVITY_ADVANCED_FIELDS` for the advanced pipeline), the layer
     names, and hashes of the model weights and calibration data."""
-    fields = SENSITIVITY_FIELDS + (SENSITIVITY_ADVANCED_FIELDS if config.pipeline == "advanced" else ())
     fp: dict[str, Any] = {"cache_version": SENSITIVITY_CACHE_VERSION}
-    fp.update({name: _jsonable(getattr(config, name, None)) for name in fields})
+    fp.update(SENSITIVITY.values(config))
+    if config.pipeline == "advanced":
+        fp.update(SENSITIVITY_ADVANCED.values(config))
     fp["weight_only"] = config.activation_bits is None
     fp["layer_names"] = list(layer_names)
     fp["model_hash"] = model_hash

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import AdaQuantConfig
+from ..config.stages import ADAQUANT_LAYERS
 from ..quant import Quantizer
 from ..utils.batches import Batch
 from ..utils.files import TEMP_MARKER, atomic_path, atomic_write_text, remove_stale_temporaries
@@ -44,8 +45,6 @@ _logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: layer files carry a SHA-256 digest of their tensors and metadata
 _DIGEST_KEY = "sha256"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-# Fields that do not change the result: a resumed run may differ in them.
-_IGNORED_CONFIG_FIELDS = ("progress", "staged_propagation")  # staged: same inputs, other route
 
 
 class WorkDirMismatchError(ValueError):
@@ -73,10 +72,13 @@ def run_fingerprint(config: AdaQuantConfig, qmodel: nn.Module, fp_model: nn.Modu
                     batches: Sequence[Batch], num_processes: int | None = None) -> dict[str, Any]:
     """Everything a layer's result depends on, in a JSON-able dict.
 
+    The config part holds exactly the fields the per-layer phase reads (:data:`~hf_adaquant.config.stages.
+    ADAQUANT_LAYERS`: the scheme, the optimiser, the seed, the cache precision): a resume is accepted after a
+    change to tuning, allocation, quantize-on-load or progress fields only, and refused after a change to a field
+    the phase reads.
     ``num_processes`` is recorded for the sequential variant only: it runs data-parallel, so its result depends
     on how the calibration samples are split. The parallel variant's result does not.
     """
-    cfg = {k: v for k, v in config.to_dict().items() if k not in _IGNORED_CONFIG_FIELDS}
     layers = []
     for name in layer_names:
         layer = qmodel.get_submodule(name)
@@ -84,7 +86,7 @@ def run_fingerprint(config: AdaQuantConfig, qmodel: nn.Module, fp_model: nn.Modu
         layers.append([name, type(layer).__name__, layer.weight_quantizer.bits, abits, list(layer.weight.shape)])
     return {
         "format": FORMAT_VERSION,
-        "config": json.loads(json.dumps(cfg)),  # tuples -> lists, as read back from the file
+        "config": ADAQUANT_LAYERS.values(config),  # tuples -> lists, as read back from the file
         "layers": layers,
         "model_weights": _hash_tensors(fp_model.state_dict().items()),
         "calibration_data": _hash_tensors(item for i, b in enumerate(batches) for item in _batch_items(i, b)),
@@ -99,8 +101,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a == b:
             continue
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            # Only the fields this run's fingerprint holds: a work dir written when the fingerprint held every
+            # config field stays resumable when only fields the per-layer phase does not read differ.
             diffs += [f"config.{k}: {a.get(k)!r} (work dir) != {b.get(k)!r} (this run)"
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                      for k in sorted(b) if a.get(k) != b.get(k)]
         elif key == "layers":
             diffs.append("model structure (quantized layers, their types, bits or weight shapes)")
         elif key in ("model_weights", "calibration_data"):

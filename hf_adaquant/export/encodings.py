@@ -103,7 +103,7 @@ def _choose(fitting: list[IntType], opset: int | None, what: str) -> IntType:
 
 
 def _step(q: Quantizer) -> np.ndarray:
-    # the clamp Quantizer._step applies, in float32 as in PyTorch
+    # the clamp Quantizer.step applies, in float32 as in PyTorch
     return q.scale.detach().float().clamp(min=1e-8).cpu().numpy().astype(np.float32)
 
 

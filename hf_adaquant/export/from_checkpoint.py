@@ -54,19 +54,21 @@ def example_inputs_for(model: nn.Module, input_shape: tuple[int, ...] | None = N
 
 
 def export_checkpoint(directory: str | os.PathLike, output: str | os.PathLike, *, model: nn.Module | None = None,
-                      input_shape: tuple[int, ...] | None = None, opset: int | None = None) -> dict[str, Any]:
+                      input_shape: tuple[int, ...] | None = None, opset: int | None = None,
+                      op_style: str = "fused") -> dict[str, Any]:
     """Reload the checkpoint in ``directory`` and export it to ``output`` (see :func:`export_onnx`).
 
     Args:
         model: float skeleton for plain PyTorch checkpoints (as for :func:`hf_adaquant.load_quantized`).
         input_shape: the shape of one input sample, where the model does not say it (plain PyTorch models).
-        opset: as for :func:`export_onnx`.
+        opset / op_style: as for :func:`export_onnx`.
 
     Returns:
         A summary: output path, opset, file sizes.
     """
     directory = Path(directory)
     qmodel = load_quantized(directory, model=model)
-    path = export_onnx(qmodel, output, example_inputs_for(qmodel, input_shape), opset=opset)
+    path = export_onnx(qmodel, output, example_inputs_for(qmodel, input_shape), opset=opset,
+                       op_style=op_style)
     return {"output": str(path), "opset": file_opset(path), "onnx_bytes": path.stat().st_size,
             "checkpoint_bytes": sum(p.stat().st_size for p in directory.glob("*.safetensors"))}

@@ -30,7 +30,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .encodings import ActivationEncoding, WeightEncoding
 
-__all__ = ["Rewrite", "fused_qdq"]
+__all__ = ["ASYMMETRIC_8BIT", "Rewrite", "fused_qdq"]
+
+# why a convolution whose output is requantized still runs in float: the one reason the user can remove, by
+# quantizing with weight_symmetric=True
+ASYMMETRIC_8BIT = "8-bit weights with per-channel zero-points (QLinearConv takes one)"
 
 
 @dataclass
@@ -168,9 +172,49 @@ def _weight_codes(g: _Graph, op: onnx.NodeProto) -> str:
     return g.producers[op.input[1]].input[0]
 
 
+def _constant(g: _Graph, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or a ``Constant`` node's output, else None."""
+    if name in g.inits:
+        return g.array(name)
+    node = g.producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        value = _attrs(node).get("value")
+        return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else None
+    return None
+
+
+def _quantize_domain(g: _Graph, q: onnx.NodeProto) -> tuple[float, float] | None:
+    """The float range a per-tensor ``QuantizeLinear`` can represent: ``((qmin - zp) * s, (qmax - zp) * s)``."""
+    scale = _constant(g, q.input[1])
+    zp = _constant(g, q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    info = np.iinfo(zp.dtype)
+    return (float(info.min) - float(zp)) * float(scale), (float(info.max) - float(zp)) * float(scale)
+
+
+def _removable_before(g: _Graph, node: onnx.NodeProto, q: onnx.NodeProto) -> bool:
+    """Whether the Relu/Clip ``node`` changes nothing once ``q`` saturates to its type: its bounds hold the whole
+    range ``q`` represents. onnxruntime then drops it and fuses the convolution with the requantization; the
+    exporter's clip to a grid narrower than its 8-bit container (A <= 7) is narrower and stays."""
+    domain = _quantize_domain(g, q)
+    if domain is None:
+        return False
+    if node.op_type == "Relu":
+        return domain[0] >= 0.0
+    low = _constant(g, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(-np.inf)
+    high = _constant(g, node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(np.inf)
+    if low is None or high is None:
+        return False
+    # one step of float slack: onnxruntime compares in float, and the grid's ends are computed ones
+    return float(low) <= domain[0] + 1e-6 and float(high) >= domain[1] - 1e-6
+
+
 def _leads_to_quantize(g: _Graph, node: onnx.NodeProto) -> bool:
-    """Whether ``node``'s output reaches a ``QuantizeLinear`` through Relu/Clip nodes only, without branching: the
-    pattern onnxruntime fuses into QLinearConv (requantizing the output to the next layer's input grid)."""
+    """Whether ``node``'s output reaches a ``QuantizeLinear`` through Relu/Clip/MaxPool nodes only, without
+    branching: the pattern onnxruntime fuses into QLinearConv (requantizing the output to the next layer's input
+    grid). A Relu/Clip right before the QuantizeLinear must leave its domain whole (a ReLU6 before an input grid
+    within [0, 6], a ReLU before a grid starting at 0)."""
     current = node
     while True:
         if len(current.output) != 1 or current.output[0] in g.outputs:
@@ -179,9 +223,7 @@ def _leads_to_quantize(g: _Graph, node: onnx.NodeProto) -> bool:
         if len(readers) != 1:
             return False
         if readers[0].op_type == "QuantizeLinear":
-            # not through a Clip right before the QuantizeLinear (the exporter's clip to a grid narrower than its
-            # 8-bit container, or a ReLU6): onnxruntime's fusion requantizes to the whole container
-            return current.op_type != "Clip"
+            return current.op_type not in ("Relu", "Clip") or _removable_before(g, current, readers[0])
         if len(readers[0].output) != 1:
             return False
         # Relu/Clip: folded into the requantization; MaxPool: onnxruntime moves the QuantizeLinear above it
@@ -243,7 +285,7 @@ def fused_qdq(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
                 replaced[id(op)] = [_per_channel_input(g, prefix, input_dq, op), op]
             forms[layer] = "float"
             reasons[layer] = (found if isinstance(found, str) else "its output stays float" if not requantized
-                              else "8-bit weights with per-channel zero-points (QLinearConv takes one)")
+                              else ASYMMETRIC_8BIT)
             continue
         replaced[id(dq_w)] = nodes
         forms[layer] = "fused"

@@ -16,16 +16,10 @@ so they stay exact.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import io
 import logging
 import os
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from ..integrations.timm import QConv2dSame
@@ -35,13 +29,15 @@ from ..utils.files import atomic_path
 from .embeddings import embeddings_export_mode
 from .encodings import (EXPORTER_MIN_OPSET, ActivationEncoding, ExportError, OpsetTooLowError, WeightEncoding,
                         activation_encoding, weight_encoding)
+from .inputs import (DynamicAxes, Inputs, default_axes, dynamic_shapes, input_names, output_names, reference_outputs,
+                     split_inputs, to_model_device)
 
 try:  # the optional "onnx" extra
     import onnx
 
-    from .graph import (QUANTIZER_KEY, add_biases_after, attach_encodings, fold_weight_transposes, prune_initializers,
-                        quantizer_tag)
-    from .fused import fused_qdq
+    from .fused import ASYMMETRIC_8BIT, fused_qdq
+    from .graph import add_biases_after, attach_encodings, fold_weight_transposes, prune_initializers
+    from .tracing import evaluating, export_mode, trace
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     onnx = None
     _ONNX_IMPORT_ERROR: ImportError | None = _exc
@@ -59,10 +55,6 @@ _logger = logging.getLogger(__name__)
 # Layers whose forward reads its weight and input only through quantized_weight() / quantize_input(): exact
 # types, since a subclass may override forward (and their packed twins from freeze).
 EXPORTABLE_LAYERS: tuple[type[QModuleMixin], ...] = (QConv2d, QLinear, QConv2dSame, *FROZEN_CLASSES.values())
-
-Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
-DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
-
 
 def _require_onnx() -> None:
     if onnx is None:
@@ -92,50 +84,6 @@ def quantized_layers(qmodel: nn.Module) -> dict[str, QModuleMixin]:
         if getattr(layer, "weight_rounding", None) is not None or getattr(layer, "bn", None) is not None:
             raise ExportError(f"layer {name!r} is still being optimised (AdaQuant rounding or BN tuning attached)")
     return layers
-
-
-def _split_inputs(example_inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), {k: v for k, v in example_inputs.items() if v is not None}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ExportError(f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
-                      f"got {type(example_inputs).__name__}")
-
-
-def _to_model_device(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Example tensors moved to the model's device (a GPU model exports as well as a CPU one)."""
-    device = next((t.device for t in [*qmodel.parameters(), *qmodel.buffers()]), None)
-    if device is None:
-        return args, kwargs
-
-    def move(value: Any) -> Any:
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
-
-
-@torch.no_grad()
-def _reference_outputs(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        return qmodel(*args, **kwargs)
-    except Exception as exc:  # any failure here means the inputs do not fit the model
-        raise ExportError(f"example_inputs do not fit the model ({type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:300]})") from exc
-
-
-def _output_names(outputs: Any) -> list[str] | None:
-    """``"output"`` for one tensor, ``output_i`` for a tuple, the keys of a dict / transformers ModelOutput."""
-    if isinstance(outputs, torch.Tensor):
-        return ["output"]
-    if isinstance(outputs, Mapping) and all(isinstance(v, torch.Tensor) for v in outputs.values()):
-        return list(outputs.keys())
-    if isinstance(outputs, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in outputs):
-        return [f"output_{i}" for i in range(len(outputs))]
-    return None  # nested structures: the exporter's names
 
 
 # ------------------------------------------------------------------------------------------------------ opsets
@@ -175,133 +123,6 @@ def resolve_opset(layers: dict[str, QModuleMixin], opset: int | None) -> int:
             if problems else " (torch.onnx's exporter)"
         raise ExportError(f"opset {opset} is too low for this model: the minimum opset is {minimum}{detail}")
     return opset
-
-
-# ------------------------------------------------------------------------------------------------ dynamic axes
-def _input_names(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-    params = [p for p in inspect.signature(qmodel.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    positional = [params[i].name if i < len(params) else f"input_{i}" for i in range(len(args))]
-    return positional + list(kwargs)
-
-
-def _default_axes(args: tuple[Any, ...], kwargs: dict[str, Any], names: list[str]) -> dict[str, dict[int, str]]:
-    """Batch (axis 0) of every tensor input; also the sequence (axis 1) of integer keyword inputs (token ids,
-    attention masks: transformers models)."""
-    axes: dict[str, dict[int, str]] = {}
-    for name, value in zip(names, [*args, *kwargs.values()]):
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            continue
-        axes[name] = {0: "batch"}
-        if name in kwargs and value.dim() >= 2 and not value.is_floating_point():
-            axes[name][1] = "sequence"
-    return axes
-
-
-def _dynamic_shapes(dynamic_axes: DynamicAxes, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    names: list[str]) -> tuple[Any, ...] | dict[str, Any]:
-    unknown = sorted(set(dynamic_axes) - set(names))
-    if unknown:
-        raise ExportError(f"dynamic_axes names inputs {unknown} the model does not take (inputs: {names})")
-    dims: dict[str, torch.export.Dim] = {}
-    specs: dict[str, dict[int, Any]] = {}
-    for name, value in zip(names, [*args, *kwargs.values()]):
-        axes = dynamic_axes.get(name)
-        if axes is None:
-            continue
-        named = dict(axes) if isinstance(axes, Mapping) else {int(a): f"{name}_dim{int(a)}" for a in axes}
-        rank = value.dim() if isinstance(value, torch.Tensor) else 0
-        for axis, dim_name in named.items():
-            if not isinstance(axis, int) or not -rank <= axis < rank:
-                raise ExportError(f"dynamic_axes[{name!r}]: axis {axis!r} is not an axis of a {rank}-d input")
-            if not str(dim_name).isidentifier():
-                raise ExportError(f"dynamic_axes[{name!r}]: dimension name {dim_name!r} must be an identifier")
-            dims.setdefault(str(dim_name), torch.export.Dim(str(dim_name)))
-        specs[name] = {axis % rank: dims[str(dim_name)] for axis, dim_name in named.items()}
-    if kwargs:
-        return {name: specs.get(name) for name in names}
-    return tuple(specs.get(name) for name in names)
-
-
-# ------------------------------------------------------------------------------------------------- export mode
-def _symbolic_weight(layer: QModuleMixin, tag: str, enc: WeightEncoding, opset: int) -> torch.Tensor:
-    # Placeholder inputs, replaced by attach_encodings: the layer's own weight (or packed codes) and quantizer
-    # parameters, so the exporter can merge two of these nodes only when they hold the same values.
-    wq = layer.weight_quantizer
-    weight = layer._parameters.get("weight")
-    weight = layer._buffers["weight_packed"] if weight is None else weight  # frozen layer
-    return torch.onnx.ops.symbolic("DequantizeLinear", (weight, wq.scale, wq.zero_point), {"axis": 0},
-                                   dtype=torch.float32, shape=tuple(enc.codes.shape), version=opset,
-                                   metadata_props={QUANTIZER_KEY: tag})
-
-
-def _symbolic_input(x: torch.Tensor, layer: QModuleMixin, tag: str, enc: ActivationEncoding,
-                    opset: int) -> torch.Tensor:
-    iq = layer.input_quantizer
-    if enc.clip is not None:
-        x = torch.clamp(x, *enc.clip)
-    q = torch.onnx.ops.symbolic("QuantizeLinear", (x, iq.scale, iq.zero_point), {},
-                                dtype=getattr(onnx.TensorProto, enc.type.name), shape=x.shape, version=opset,
-                                metadata_props={QUANTIZER_KEY: tag})
-    return torch.onnx.ops.symbolic("DequantizeLinear", (q, iq.scale, iq.zero_point), {}, dtype=torch.float32,
-                                   shape=x.shape, version=opset, metadata_props={QUANTIZER_KEY: tag})
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then each module's own training flag back."""
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in training.items():
-            module.training = flag
-
-
-@contextlib.contextmanager
-def _export_mode(layers: dict[str, QModuleMixin], weights: dict[str, WeightEncoding],
-                 inputs: dict[str, ActivationEncoding], opset: int, traced: set[str]) -> Iterator[None]:
-    """Route each layer's quantizers to symbolic ONNX nodes (instance attributes over the class's methods);
-    the model is restored afterwards, whatever happens."""
-
-    def weight_hook(name: str, layer: QModuleMixin) -> Any:
-        def quantized_weight() -> torch.Tensor:
-            traced.add(quantizer_tag(name, "weight"))
-            return _symbolic_weight(layer, quantizer_tag(name, "weight"), weights[name], opset)
-        return quantized_weight
-
-    def input_hook(name: str, layer: QModuleMixin) -> Any:
-        def quantize_input(x: torch.Tensor) -> torch.Tensor:
-            traced.add(quantizer_tag(name, "input"))
-            return _symbolic_input(x, layer, quantizer_tag(name, "input"), inputs[name], opset)
-        return quantize_input
-
-    try:
-        for name, layer in layers.items():
-            layer.quantized_weight = weight_hook(name, layer)
-            if name in inputs:
-                layer.quantize_input = input_hook(name, layer)
-        yield
-    finally:
-        for layer in layers.values():
-            layer.__dict__.pop("quantized_weight", None)
-            layer.__dict__.pop("quantize_input", None)
-
-
-def _trace(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], opset: int,
-           dynamic_shapes: Any, output_names: list[str] | None) -> "onnx.ModelProto":
-    # torch.onnx prints progress and warns about its own internals; keep the user's console clean.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(qmodel, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
-                                        dynamic_shapes=dynamic_shapes, output_names=output_names, verbose=False,
-                                        external_data=False)
-        except Exception as exc:
-            raise ExportError(f"torch.onnx could not export the model ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:500]})") from exc
-    return program.model_proto
 
 
 # ------------------------------------------------------------------------------------------------------ public
@@ -349,17 +170,17 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
     if op_style not in OP_STYLES:
         raise ExportError(f"op_style must be one of {', '.join(map(repr, OP_STYLES))}, got {op_style!r}")
     layers = quantized_layers(qmodel)
-    args, kwargs = _to_model_device(qmodel, *_split_inputs(example_inputs))
+    args, kwargs = to_model_device(qmodel, *split_inputs(example_inputs))
     opset = resolve_opset(layers, opset)
     weights, inputs = _encodings(layers, opset)
-    names = _input_names(qmodel, args, kwargs)
-    axes = _default_axes(args, kwargs, names) if dynamic_axes is None else dynamic_axes
-    shapes = _dynamic_shapes(axes, args, kwargs, names) if axes else None
+    names = input_names(qmodel, args, kwargs)
+    axes = default_axes(args, kwargs, names) if dynamic_axes is None else dynamic_axes
+    shapes = dynamic_shapes(axes, args, kwargs, names) if axes else None
     traced: set[str] = set()
-    with _evaluating(qmodel):
-        outputs = _reference_outputs(qmodel, args, kwargs)
-        with _export_mode(layers, weights, inputs, opset, traced), embeddings_export_mode(qmodel):
-            model = _trace(qmodel, args, kwargs, opset, shapes, _output_names(outputs))
+    with evaluating(qmodel):
+        outputs = reference_outputs(qmodel, args, kwargs)
+        with export_mode(layers, weights, inputs, opset, traced), embeddings_export_mode(qmodel):
+            model = trace(qmodel, args, kwargs, opset, shapes, output_names(outputs))
     attach_encodings(model, weights, inputs, traced)
     fold_weight_transposes(model)
     fused: set[str] = set()
@@ -370,6 +191,12 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
         if kept:
             _logger.info("%s op style: %d of %d layers in another form: %s", op_style, len(kept), len(weights),
                          "; ".join(f"{name or 'model'}: {reason}" for name, reason in list(kept.items())[:10]))
+        asymmetric = [name or "model" for name, reason in kept.items() if reason == ASYMMETRIC_8BIT]
+        if asymmetric:
+            _logger.warning("%d convolutions (%s) run in float in onnxruntime, not on its int8 kernels: their 8-bit "
+                            "weights have per-channel zero-points. Quantize with weight_symmetric=True to deploy "
+                            "them as int8.", len(asymmetric), ", ".join(asymmetric[:5]) + (", ..." if
+                                                                                          len(asymmetric) > 5 else ""))
     add_biases_after(model, {name or "model" for name, enc in weights.items()
                              if enc.type.width != 8 and name not in fused})
     prune_initializers(model.graph)

@@ -7,10 +7,11 @@ plus optional side-cars written by the CLI: ``eval_results.json`` (FP vs quantiz
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from ..utils.mapping_files import read_mapping
 
 __all__ = ["EVAL_RESULTS_FILE", "LAYER_BITS_KEYS", "RECIPE_FILE", "CheckpointInfo", "layer_bits_from_config",
            "read_checkpoint_info"]
@@ -88,16 +89,6 @@ def layer_bits_from_config(qcfg: Mapping[str, Any]) -> dict[str, tuple[int | Non
     return {}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
-
-
 def read_checkpoint_info(save_dir: str | Path) -> CheckpointInfo:
     """Inspect a checkpoint folder written by ``hf_adaquant.save_quantized``.
 
@@ -111,7 +102,7 @@ def read_checkpoint_info(save_dir: str | Path) -> CheckpointInfo:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a saved hf_adaquant checkpoint")
-    config = _read_json(config_path)
+    config = read_mapping(config_path, "json")
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict):
         raise ValueError(f"{config_path} has no 'quantization_config': not a quantized checkpoint")
@@ -125,5 +116,5 @@ def read_checkpoint_info(save_dir: str | Path) -> CheckpointInfo:
     recipe_path = path / RECIPE_FILE
     return CheckpointInfo(
         path=path, config=config, quantization_config=qcfg, layer_bits=layer_bits_from_config(qcfg),
-        weight_files=weights, eval_results=_read_json(eval_path) if eval_path.is_file() else None,
+        weight_files=weights, eval_results=read_mapping(eval_path, "json") if eval_path.is_file() else None,
         recipe_text=recipe_path.read_text() if recipe_path.is_file() else None)

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from ..config import AdaQuantConfig
+from ..config import AdaQuantConfig as CoreAdaQuantConfig
 from ..hub.push import push_model_to_hub
 from ..nn.qembedding import FrozenQEmbedding
 from ..hub.push import push_to_hub as hub_push
@@ -47,6 +47,7 @@ from ..serialization.layout import (apply_signed, build_qmodule, layer_tensor_sp
                                     unpack_layer)
 from ..utils.modules import set_submodule
 from .calibration import text_batches_from_config
+from .transformers_config import AdaQuantConfig
 
 __all__ = ["AdaQuantHfQuantizer", "PackedQLayer", "QUANT_METHOD", "load_checkpoint", "mark_quantized", "register"]
 
@@ -167,9 +168,11 @@ class AdaQuantHfQuantizer(HfQuantizer):
 
     requires_calibration = False  # calibration happens in _process_model_after_weight_loading when not pre-quantized
 
-    def __init__(self, quantization_config: AdaQuantConfig | dict, **kwargs: Any) -> None:
+    def __init__(self, quantization_config: CoreAdaQuantConfig | dict, **kwargs: Any) -> None:
         if isinstance(quantization_config, dict):
             quantization_config = AdaQuantConfig.from_dict(quantization_config)
+        elif isinstance(quantization_config, CoreAdaQuantConfig):  # e.g. built by a policy or a recipe
+            quantization_config = AdaQuantConfig.from_config(quantization_config)
         super().__init__(quantization_config, **kwargs)
         self.layout = (validate_layout(quantization_config, "config.json quantization_config")
                        if self.pre_quantized else None)

@@ -118,7 +118,11 @@ class _FakeQuantize(torch.autograd.Function):
             else:
                 grad_scale = _sum_to(grad * ds, scale_shape)
         if ctx.needs_input_grad[2]:  # outside the grid the output is (qmin|qmax - zp) * scale: -scale per unit
-            grad_zp = _sum_to(-(grad * ~inside) * scale, zp_shape)
+            outside = grad.masked_fill(inside, 0.0)
+            if scale.shape == zp_shape:  # scale is constant along the summed dims: sum first, then scale
+                grad_zp = -(_sum_to(outside, zp_shape) * scale)
+            else:
+                grad_zp = _sum_to(-outside * scale, zp_shape)
         return grad_x, grad_scale, grad_zp, None, None
 
 

@@ -97,10 +97,6 @@ class Quantizer(nn.Module):
         """The grid step actually used: ``scale`` clamped to at least :data:`MIN_STEP` (differentiable)."""
         return self.scale.clamp(min=MIN_STEP)
 
-    # Former private names, still used by callers outside this package (adaquant/rounding.py).
-    _broadcast = broadcast
-    _step = step
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..utils.mapping_files import read_mapping
 from .schema import Recipe, RecipeError, parse_recipe
 
 __all__ = ["apply_overrides", "load_recipe", "shipped_recipes"]
@@ -74,10 +75,5 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_files:
 
 
 def _load_file(file: Path, overrides: Sequence[str], check_files: bool) -> Recipe:
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{file}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{file}: a recipe must be a YAML mapping")
+    raw = read_mapping(file, "yaml", what="a recipe", error=RecipeError)
     return parse_recipe(apply_overrides(raw, overrides), path=file.resolve(), check_files=check_files)

@@ -1,0 +1,78 @@
+"""reuse_freed_memory: large freed blocks stay in the heap while quantizing, and go back to the system after."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from hf_adaquant.utils import memory
+from hf_adaquant.utils.memory import reuse_freed_memory
+
+libc = memory._glibc()
+pytestmark = pytest.mark.skipif(libc is None or not hasattr(libc, "mallinfo2"),
+                                reason="glibc >= 2.33 (mallinfo2) needed to observe the heap")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap() -> _MallInfo2:
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2()
+
+
+MIB = 1 << 20
+
+
+def _alloc_and_free(mib: int) -> None:
+    t = torch.empty(mib * MIB // 4)
+    t.fill_(1.0)
+    del t
+
+
+def _kept_after_free(mib: int) -> int:
+    """How much more free memory the heap holds after allocating and freeing ``mib`` MiB."""
+    before = _heap().fordblks
+    _alloc_and_free(mib)
+    return _heap().fordblks - before
+
+
+def test_large_blocks_are_reused_inside_and_the_defaults_are_back_after() -> None:
+    assert _kept_after_free(64) < 16 * MIB  # outside: glibc maps and unmaps it, the heap does not keep it
+    with reuse_freed_memory():
+        assert _kept_after_free(64) >= 48 * MIB  # freed, and kept in the heap for the next allocation
+        mapped = _heap().hblkhd
+        _alloc_and_free(64)  # served from the heap: no new mapping
+        assert _heap().hblkhd == mapped
+    assert _kept_after_free(64) < 16 * MIB  # the defaults are back
+
+
+def test_nested_uses_restore_only_at_the_outermost() -> None:
+    with reuse_freed_memory():
+        with reuse_freed_memory():
+            pass
+        assert _kept_after_free(64) >= 48 * MIB  # the inner exit did not restore the defaults
+    assert _kept_after_free(64) < 16 * MIB
+
+
+def test_quantize_runs_inside_it(monkeypatch) -> None:
+    """quantize() holds the setting for its whole run (every phase allocates large tensors)."""
+    from torch import nn
+
+    from hf_adaquant import AdaQuantConfig, quantize
+
+    seen = []
+    real = memory._glibc
+
+    def spy() -> object:
+        seen.append(memory._depth)
+        return real()
+
+    monkeypatch.setattr(memory, "_glibc", spy)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    quantize(model, [torch.randn(4, 3, 8, 8)], AdaQuantConfig(pipeline="light", progress=False))
+    assert seen == [0] and memory._depth == 0
