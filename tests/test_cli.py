@@ -17,7 +17,7 @@ from hf_adaquant.cli import main
 from hf_adaquant.data import normalize_cifar
 from hf_adaquant.serialization import load_quantized
 
-from hub_standin import LocalHubApi
+from tests.hub_standin import LocalHubApi
 
 TOKEN = "hf_CLItokenMustNotLeak9876543210zyxwv"
 

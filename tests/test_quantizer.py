@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 import hf_adaquant.quantizer as quantizer_module
-from conftest import make_batches, make_tiny_cnn
+from tests.conftest import make_batches, make_tiny_cnn
 from hf_adaquant import AdaQuantConfig, AdaQuantQuantizer, load_quantized
 from hf_adaquant.nn import QModuleMixin
 

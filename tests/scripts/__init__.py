@@ -1,0 +1,1 @@
+"""Tests of scripts/ (benchmark helpers; they import the scripts by path)."""
