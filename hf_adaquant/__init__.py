@@ -13,7 +13,7 @@ from .integrations import hub_methods as _hub_methods  # noqa: F401  (Hub method
 from .quantizer import AdaQuantQuantizer
 from .utils.logging import get_verbosity, set_verbosity
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = ["AdaQuantConfig", "AdaQuantQuantizer", "ExportError", "PreparedModel", "QuantizationReport", "__version__",
            "export_onnx", "freeze", "get_verbosity", "load_quantized", "prepare_model", "quantize", "save_quantized",

@@ -54,6 +54,9 @@ class AdaQuantConfig:
         "scheme": SchemeConfig, "optimizer": OptimizerConfig, "tuning": TuningConfig,
         "allocation": AllocationConfig, "resources": ResourcesConfig, "saved": SavedConfig}
     _FIELD_SECTION: ClassVar[dict[str, str]] = {}  # flat field name -> section name
+    # The class that building this one gives (set by the transformers integration to its public subclass), so a
+    # config built by a core module (a policy, a recipe) is the ``hf_adaquant.AdaQuantConfig`` users check for.
+    _built_as: ClassVar[type | None] = None
 
     scheme: SchemeConfig
     optimizer: OptimizerConfig
@@ -104,6 +107,17 @@ class AdaQuantConfig:
         return {name: getattr(self, name) for name in AdaQuantConfig.SECTIONS}
 
     # ------------------------------------------------------------------------------------------- building
+
+    def __new__(cls, **fields: Any) -> "AdaQuantConfig":
+        target = AdaQuantConfig._built_as if cls is AdaQuantConfig and AdaQuantConfig._built_as else cls
+        return object.__new__(target)
+
+    @classmethod
+    def build_as(cls, public: type) -> None:
+        """Make ``AdaQuantConfig(...)`` build ``public`` (a subclass) from now on."""
+        if not issubclass(public, AdaQuantConfig):
+            raise TypeError(f"{public.__name__} is not a subclass of AdaQuantConfig")
+        AdaQuantConfig._built_as = public
 
     def __init__(self, **fields: Any) -> None:
         given = {name: fields.pop(name) for name in list(fields) if name in AdaQuantConfig.SECTIONS}

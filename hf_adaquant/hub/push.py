@@ -20,6 +20,7 @@ from torch import nn
 from ..serialization.checkpoint import save_quantized
 from .card import build_model_card
 from .checkpoint_info import read_checkpoint_info
+from ..version import __version__
 
 __all__ = ["HubApi", "push_model_to_hub", "push_to_hub"]
 
@@ -56,8 +57,6 @@ def _operations(folder: Path, card: bytes | None) -> list[CommitOperationAdd]:
 
 
 def _default_api(token: str | bool | None) -> HubApi:
-    from .. import __version__
-
     return HfApi(token=token, library_name="hf-adaquant", library_version=__version__)
 
 

@@ -85,3 +85,7 @@ class AdaQuantConfig(CoreAdaQuantConfig, QuantizationConfigMixin):
     def from_config(cls, config: CoreAdaQuantConfig) -> "AdaQuantConfig":
         """``config`` as this class (itself if it already is one), fields and in-memory data kept as they are."""
         return config if isinstance(config, cls) else cls(**config.sections())
+
+
+# every config built from now on, by core modules too (policies, recipes), is this class
+CoreAdaQuantConfig.build_as(AdaQuantConfig)

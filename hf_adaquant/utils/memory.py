@@ -25,7 +25,10 @@ _logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both
-_HELD_THRESHOLD = 1 << 30  # allocations below 1 GiB come from the heap and are reused
+# Allocations below 256 MiB come from the heap and are reused (per-step tensors are tens of MiB); larger ones
+# (activation caches, stage boundaries) stay mapped and go back on free, so the resident set does not keep them.
+_HELD_THRESHOLD = 256 << 20
+_TRIM_THRESHOLD = 512 << 20  # free memory past this at the heap's top goes back to the system
 _lock = threading.Lock()
 _depth = 0
 
@@ -43,7 +46,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 @contextlib.contextmanager
 def reuse_freed_memory() -> Iterator[None]:
-    """For the duration, freed blocks below 1 GiB stay in the heap for the next allocation (no page faults);
+    """For the duration, freed blocks below 256 MiB stay in the heap for the next allocation (no page faults);
     afterwards glibc's default thresholds are back and the freed memory is returned to the system. Re-entrant
     and thread-safe (the settings are process-wide: the outermost use restores them)."""
     global _depth
@@ -54,7 +57,7 @@ def reuse_freed_memory() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1 and not (libc.mallopt(_M_MMAP_THRESHOLD, _HELD_THRESHOLD)
-                                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+                                and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
             _logger.debug("mallopt refused the thresholds: allocations stay as they are")
     try:
         yield

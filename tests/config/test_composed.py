@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,20 @@ def test_core_config_is_the_public_one_without_transformers() -> None:
     quantizer = AdaQuantHfQuantizer(core, pre_quantized=False)
     assert isinstance(quantizer.quantization_config, AdaQuantConfig) and quantizer.quantization_config == core
     assert dict(public) == public.to_dict()  # transformers reads configs with dict(...)
+
+
+def test_configs_built_by_core_layers_are_the_public_class() -> None:
+    """With hf_adaquant imported, building the core class (as policies and recipes do) gives the public one: what
+    users check with isinstance and hand to transformers."""
+    from hf_adaquant.policies import bert_qa_quantization_config
+
+    policy = bert_qa_quantization_config(4, 8)
+    assert type(policy) is AdaQuantConfig and type(CoreAdaQuantConfig(weight_bits=3)) is AdaQuantConfig
+    assert type(CoreAdaQuantConfig.from_dict(policy.to_dict())) is AdaQuantConfig
+    again = pickle.loads(pickle.dumps(policy))
+    assert type(again) is AdaQuantConfig and again == policy and type(copy.deepcopy(policy)) is AdaQuantConfig
+    with pytest.raises(TypeError, match="not a subclass"):
+        CoreAdaQuantConfig.build_as(dict)
 
 
 # Layers below serialization/integrations (tests/test_architecture.py's LAYERS): none may import transformers.
