@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .encodings import ActivationEncoding, WeightEncoding
+from .graph_index import GraphIndex, attributes, leads_to_quantize
 
 __all__ = ["ASYMMETRIC_8BIT", "Rewrite", "fused_qdq"]
 
@@ -47,40 +48,13 @@ class Rewrite:
     reasons: dict[str, str]
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-class _Graph:
-    """Small helpers over a graph being rewritten (initializers by name, producers, consumers)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.graph = model.graph
-        self.inits = {t.name: t for t in self.graph.initializer}
-        self.producers = {o: n for n in self.graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in self.graph.output}
-
-    def add(self, array: np.ndarray, name: str) -> str:
-        tensor = numpy_helper.from_array(array, name)
-        self.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        return name
-
-    def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
-
-
 def _broadcast(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
     shape = [1] * rank
     shape[axis] = -1
     return values.reshape(shape)
 
 
-def _activation(g: _Graph, op: onnx.NodeProto, inputs: dict[str, ActivationEncoding], layer: str
+def _activation(g: GraphIndex, op: onnx.NodeProto, inputs: dict[str, ActivationEncoding], layer: str
                 ) -> tuple[onnx.NodeProto, str] | str:
     """The activation ``DequantizeLinear`` feeding ``op`` and the codes it reads, or why the layer cannot run on
     onnxruntime's fast integer kernels."""
@@ -100,7 +74,7 @@ def _activation(g: _Graph, op: onnx.NodeProto, inputs: dict[str, ActivationEncod
     return dq, dq.input[0]
 
 
-def _signed_weight(g: _Graph, prefix: str, dq: onnx.NodeProto, enc: WeightEncoding, axis: int,
+def _signed_weight(g: GraphIndex, prefix: str, dq: onnx.NodeProto, enc: WeightEncoding, axis: int,
                    per_channel_zero_point: bool) -> list[onnx.NodeProto] | None:
     """Rewire the weight ``DequantizeLinear`` ``dq`` onto int8 codes computed from the stored ones by
     ``Cast -> Sub -> Cast`` on initializers (folded by onnxruntime at load): ``codes - zp`` with zero-point 0 when
@@ -135,7 +109,7 @@ def _signed_weight(g: _Graph, prefix: str, dq: onnx.NodeProto, enc: WeightEncodi
     return [*nodes, dq]
 
 
-def _float_weight(g: _Graph, prefix: str, dq: onnx.NodeProto, enc: WeightEncoding, out_axis: int
+def _float_weight(g: GraphIndex, prefix: str, dq: onnx.NodeProto, enc: WeightEncoding, out_axis: int
                   ) -> list[onnx.NodeProto]:
     """``DequantizeLinear`` of the weight as ``Cast -> Sub -> Mul`` on initializers (the same float operations:
     ``(q - zp) * step``), which onnxruntime folds into a float weight at load; writes ``dq``'s output."""
@@ -149,12 +123,12 @@ def _float_weight(g: _Graph, prefix: str, dq: onnx.NodeProto, enc: WeightEncodin
             helper.make_node("Mul", [centred, step], [dq.output[0]], name=f"{prefix}.weight_mul_step")]
 
 
-def _per_channel_input(g: _Graph, prefix: str, dq: onnx.NodeProto, op: onnx.NodeProto) -> onnx.NodeProto:
+def _per_channel_input(g: GraphIndex, prefix: str, dq: onnx.NodeProto, op: onnx.NodeProto) -> onnx.NodeProto:
     """The input ``DequantizeLinear`` of a float-weight Conv again, with its step and zero-point repeated per
     channel (the same numbers): onnxruntime's WeightBiasQuantization re-quantizes the float weight (per tensor,
     int8: other numbers) of a Conv whose input comes from a per-tensor DequantizeLinear and whose output is
     quantized; a per-channel one keeps it out. Rewires ``op``'s input."""
-    attrs = _attrs(op)
+    attrs = attributes(op)
     weight_dims = g.inits[_weight_codes(g, op)].dims
     channels = int(weight_dims[1]) * int(attrs.get("group", 1))
     scale = np.full(channels, g.array(dq.input[1]), dtype=np.float32)
@@ -167,69 +141,9 @@ def _per_channel_input(g: _Graph, prefix: str, dq: onnx.NodeProto, op: onnx.Node
                             name=f"{prefix}.input_dequantize_per_channel")
 
 
-def _weight_codes(g: _Graph, op: onnx.NodeProto) -> str:
+def _weight_codes(g: GraphIndex, op: onnx.NodeProto) -> str:
     """The codes initializer behind ``op``'s weight (read through its DequantizeLinear)."""
     return g.producers[op.input[1]].input[0]
-
-
-def _constant(g: _Graph, name: str) -> np.ndarray | None:
-    """The value of ``name`` when it is an initializer or a ``Constant`` node's output, else None."""
-    if name in g.inits:
-        return g.array(name)
-    node = g.producers.get(name)
-    if node is not None and node.op_type == "Constant":
-        value = _attrs(node).get("value")
-        return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else None
-    return None
-
-
-def _quantize_domain(g: _Graph, q: onnx.NodeProto) -> tuple[float, float] | None:
-    """The float range a per-tensor ``QuantizeLinear`` can represent: ``((qmin - zp) * s, (qmax - zp) * s)``."""
-    scale = _constant(g, q.input[1])
-    zp = _constant(g, q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
-    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
-        return None
-    info = np.iinfo(zp.dtype)
-    return (float(info.min) - float(zp)) * float(scale), (float(info.max) - float(zp)) * float(scale)
-
-
-def _removable_before(g: _Graph, node: onnx.NodeProto, q: onnx.NodeProto) -> bool:
-    """Whether the Relu/Clip ``node`` changes nothing once ``q`` saturates to its type: its bounds hold the whole
-    range ``q`` represents. onnxruntime then drops it and fuses the convolution with the requantization; the
-    exporter's clip to a grid narrower than its 8-bit container (A <= 7) is narrower and stays."""
-    domain = _quantize_domain(g, q)
-    if domain is None:
-        return False
-    if node.op_type == "Relu":
-        return domain[0] >= 0.0
-    low = _constant(g, node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(-np.inf)
-    high = _constant(g, node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(np.inf)
-    if low is None or high is None:
-        return False
-    # one step of float slack: onnxruntime compares in float, and the grid's ends are computed ones
-    return float(low) <= domain[0] + 1e-6 and float(high) >= domain[1] - 1e-6
-
-
-def _leads_to_quantize(g: _Graph, node: onnx.NodeProto) -> bool:
-    """Whether ``node``'s output reaches a ``QuantizeLinear`` through Relu/Clip/MaxPool nodes only, without
-    branching: the pattern onnxruntime fuses into QLinearConv (requantizing the output to the next layer's input
-    grid). A Relu/Clip right before the QuantizeLinear must leave its domain whole (a ReLU6 before an input grid
-    within [0, 6], a ReLU before a grid starting at 0)."""
-    current = node
-    while True:
-        if len(current.output) != 1 or current.output[0] in g.outputs:
-            return False
-        readers = g.readers.get(current.output[0], [])
-        if len(readers) != 1:
-            return False
-        if readers[0].op_type == "QuantizeLinear":
-            return current.op_type not in ("Relu", "Clip") or _removable_before(g, current, readers[0])
-        if len(readers[0].output) != 1:
-            return False
-        # Relu/Clip: folded into the requantization; MaxPool: onnxruntime moves the QuantizeLinear above it
-        if readers[0].op_type not in ("Relu", "Clip", "MaxPool"):
-            return False
-        current = readers[0]
 
 
 def fused_qdq(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
@@ -237,7 +151,7 @@ def fused_qdq(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
     """Arrange the QDQ graph for onnxruntime's fused integer kernels, in place (see :func:`export_onnx`'s
     ``op_style="fused"``). Returns what each layer became: ``"fused"`` (QDQ that onnxruntime fuses), ``"float"``
     (foldable dequantization, float op) or ``"qdq"`` (unchanged)."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     forms: dict[str, str] = {}
     reasons: dict[str, str] = {}
     prefixes = {(name or "model"): name for name in weights}
@@ -272,7 +186,7 @@ def fused_qdq(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
         found = _activation(g, op, inputs, layer)
         # 8-bit input grids only: the integer kernel rounds the bias to input step x weight step, an error that
         # grows with the step (at A4 it reaches a good fraction of an output step)
-        requantized = _leads_to_quantize(g, op) and layer in inputs and inputs[layer].bits == 8
+        requantized = leads_to_quantize(g, op) and layer in inputs and inputs[layer].bits == 8
         nodes = None
         if not isinstance(found, str) and requantized:
             nodes = _signed_weight(g, prefix, dq_w, enc, axis, per_channel_zero_point=False)
