@@ -25,21 +25,13 @@ from .config import AdaQuantConfig
 from .integrations.calibration import dataset_to_batches, load_calibration_dataset
 from .quantize import quantize
 from .serialization.checkpoint import model_kind, save_quantized
+from .integrations.auto_classes import TASK_AUTO_CLASSES, auto_class_name
 from .utils.deprecation import renamed_kwargs
 
 __all__ = ["AdaQuantQuantizer", "TASK_AUTO_CLASSES"]
 
 _logger = logging.getLogger(__name__)
 
-TASK_AUTO_CLASSES = {
-    "question-answering": "AutoModelForQuestionAnswering",
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "fill-mask": "AutoModelForMaskedLM",
-    "feature-extraction": "AutoModel",
-    "text-generation": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-}
 
 
 def _is_timm_id(name: str) -> bool:
@@ -51,9 +43,7 @@ def _load_transformers(name_or_path: str, task: str | None, **kwargs: Any) -> nn
     import transformers
 
     if task is not None:
-        if task not in TASK_AUTO_CLASSES:
-            raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_AUTO_CLASSES)}")
-        cls = getattr(transformers, TASK_AUTO_CLASSES[task])
+        cls = getattr(transformers, auto_class_name(task))
     else:
         config = transformers.AutoConfig.from_pretrained(name_or_path, **kwargs)
         arch = (getattr(config, "architectures", None) or [None])[0]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data import ImageFolderWithLabels, efficientnet_lite0_transform, load_cifar10_npz
+from ..integrations.auto_classes import auto_class_name
 from ..integrations.calibration import load_calibration_dataset, model_input_names, tokenize_texts
 from ..models import load_cifar_resnet, load_efficientnet_lite0
 from ..tasks.squad import SquadExample, load_squad_examples, squad_calibration_batches
@@ -26,11 +27,6 @@ __all__ = ["BuiltModel", "build_calibration", "build_model", "get_image_processo
            "squad_examples"]
 
 _logger = logging.getLogger(__name__)
-
-_AUTO_CLASSES = {"question-answering": "AutoModelForQuestionAnswering",
-                 "image-classification": "AutoModelForImageClassification",
-                 "sequence-classification": "AutoModelForSequenceClassification"}
-
 
 @dataclass
 class BuiltModel:
@@ -76,7 +72,7 @@ def build_model(recipe: Recipe) -> BuiltModel:
     elif source == "transformers":
         import transformers
 
-        auto = getattr(transformers, _AUTO_CLASSES[spec["task"]])
+        auto = getattr(transformers, auto_class_name(spec["task"]))
         dtype = getattr(torch, spec["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise RecipeError(f"model.dtype {spec['dtype']!r} is not a torch dtype")
