@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .encodings import ActivationEncoding, ExportError, IntType, WeightEncoding
+from .graph_index import attributes
 
 __all__ = ["QUANTIZER_KEY", "add_biases_after", "attach_encodings", "fold_weight_transposes", "prune_initializers",
            "quantizer_tag"]
@@ -142,10 +143,6 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def add_biases_after(model: onnx.ModelProto, layers: set[str]) -> onnx.ModelProto:
     """Add the float bias of ``layers``' Conv/Gemm in an ``Add`` after it, in place; returns ``model``.
 
@@ -166,7 +163,7 @@ def add_biases_after(model: onnx.ModelProto, layers: set[str]) -> onnx.ModelProt
         if weight is None or weight.name.removesuffix(".weight_dequantize") not in layers:
             continue
         if node.op_type == "Gemm":
-            attrs = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0, **_attributes(node)}
+            attrs = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0, **attributes(node)}
             if attrs != {"transA": 0, "transB": 1, "alpha": 1.0, "beta": 1.0} or \
                     _linear_weight(graph, weight, inits) is None:
                 continue
