@@ -117,7 +117,7 @@ def run_single(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, calib, x_ev, y_ev = load(args.model, args.calib)
     result: dict = {"model": args.model, "method": args.method, "setting": args.setting,
-                    "calibration_samples": sum(len(b) for b in calib)}
+                    "calibration_samples": sum(len(b) for b in calib), "threads": args.threads}
     if args.method == "fp32":
         result["top1"] = evaluate_classifier(model, x_ev, y_ev)
         result["seconds"] = 0.0

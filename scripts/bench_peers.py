@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, default=2, help="torch threads (bench_core's default is 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "peers", help="venvs and data files")
+    p.add_argument("--ours-tags", nargs="+", default=[""], metavar="TAG",
+                   help="our rows come from core_<model><TAG>.json for each TAG (bench_core --tag; '' is the "
+                        "canonical core_<model>.json), e.g. --ours-tags _abl_layer _abl_block _abl_block_drop")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the table (our rows re-read, the peers' rows kept); run nothing")
     p.add_argument("--smoke", action="store_true",
                    help="write benchmarks/results/peers_smoke.{json,md} instead of peers.{json,md}")
     return p
@@ -223,13 +228,16 @@ def main(argv: list[str] | None = None) -> None:
         print("waiting while /tmp/BENCH_LOCK exists (another benchmark is timing)", flush=True)
         while os.path.exists("/tmp/BENCH_LOCK"):
             time.sleep(15)
-    pythons = {peer: ensure_venv(peer, args.work / f"venv-{peer}") for peer in args.peers}
-    calib, test = prepare_data(args.work, args.calib)
     path = results_path(args)
     title = ("SMOKE TEST (not a benchmark: few iterations, test subset) — " if args.smoke else "") + \
         "Peers side by side: CIFAR-10 ResNets, same scheme, same 1000 calibration images"
-    ours = ours_rows(RESULTS, args.models, args.settings, repo_root=ROOT)
+    ours = ours_rows(RESULTS, args.models, args.settings, repo_root=ROOT, tags=args.ours_tags)
     save_row(path, title, ours, None)
+    if args.render:
+        print(f"rewrote {path.relative_to(ROOT)} and {path.with_suffix('.md').relative_to(ROOT)}")
+        return
+    pythons = {peer: ensure_venv(peer, args.work / f"venv-{peer}") for peer in args.peers}
+    calib, test = prepare_data(args.work, args.calib)
     commit = git_commit()
     failures = []
     for model in args.models:

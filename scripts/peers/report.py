@@ -83,35 +83,51 @@ def merge_row(rows: list[dict], row: dict) -> list[dict]:
 
 
 def ours_rows(results_dir: Path, models: Iterable[str], settings: Iterable[str], method: str = "advanced",
-              repo_root: Path | None = None) -> list[dict]:
-    """Our pipeline's measured rows from ``core_<model>.json`` (the canonical bench_core results; not re-run).
+              repo_root: Path | None = None, tags: Sequence[str] = ("",)) -> list[dict]:
+    """Our pipeline's measured rows from ``core_<model><tag>.json`` (bench_core results; not re-run).
 
-    Each row keeps its source file and the commit it was measured at. A missing file or row is skipped (the
-    table then shows only the peers for that cell).
+    ``tags`` selects result files of bench_core runs with ``--tag`` (e.g. the reconstruction ablation's
+    ``_abl_layer``, ``_abl_block``); each row is labelled with the options that distinguish it (reconstruction,
+    activation drop, rounding). Each row keeps its source file and the commit it was measured at. A missing file
+    or row is skipped (the table then shows only the peers for that cell).
     """
     out = []
     settings = [s.upper() for s in settings]
     for model in models:
-        path = Path(results_dir) / f"core_{model}.json"
-        if not path.exists():
-            continue
-        for r in json.loads(path.read_text()):
-            if r.get("method") != method or r.get("setting", "").upper() not in settings or "top1" not in r:
+        for tag in tags:
+            path = Path(results_dir) / f"core_{model}{tag}.json"
+            if not path.exists():
                 continue
-            source = path.relative_to(repo_root).as_posix() if repo_root else path.name
-            out.append({
-                "peer": "hf_adaquant", "method": f"{method} pipeline", "model": model, "setting": r["setting"],
-                "budget": "reference", "top1": r["top1"], "seconds": r.get("seconds"),
-                "iterations": (r.get("config") or {}).get("iterations"), "eval_images": 10000,
-                "range_method": "weights {}, activations {}".format(
-                    (r.get("config") or {}).get("weight_range_method", "?"),
-                    (r.get("config") or {}).get("activation_range_method", "?")),
-                # bench_core does not record its thread count; its --threads default is 2.
-                "threads": r.get("threads", "2 (bench_core default, not recorded)"),
-                "load_average_1min": r.get("load_average_1min"), "commit": r.get("commit", "unknown"),
-                "source": source,
-            })
+            for r in json.loads(path.read_text()):
+                if r.get("method") != method or r.get("setting", "").upper() not in settings or "top1" not in r:
+                    continue
+                config = r.get("config") or {}
+                source = path.relative_to(repo_root).as_posix() if repo_root else path.name
+                out.append({
+                    "peer": "hf_adaquant", "method": f"{method} pipeline{_variant(config)}", "model": model,
+                    "setting": r["setting"], "budget": "reference", "top1": r["top1"], "seconds": r.get("seconds"),
+                    "iterations": config.get("iterations"), "eval_images": 10000,
+                    "range_method": "weights {}, activations {}".format(
+                        config.get("weight_range_method", "?"), config.get("activation_range_method", "?")),
+                    # older bench_core rows do not record their thread count; its --threads default is 2.
+                    "threads": r.get("threads", "2 (bench_core default, not recorded)"),
+                    "load_average_1min": r.get("load_average_1min"), "commit": r.get("commit", "unknown"),
+                    "source": source,
+                })
     return out
+
+
+def _variant(config: dict) -> str:
+    """`` (block + drop 0.5, learned rounding)``: the options of a row that differ from the default pipeline."""
+    parts = []
+    if config.get("reconstruction", "layer") != "layer":
+        drop = config.get("activation_drop") or 0.0
+        parts.append(config["reconstruction"] + (f" + drop {drop:g}" if drop else ""))
+    elif "reconstruction" in config:
+        parts.append("layer")
+    if config.get("weight_rounding", "auto") != "auto":
+        parts.append(f"{config['weight_rounding']} rounding")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _cell(value: object, fmt: str = "{}") -> str:

@@ -110,6 +110,23 @@ def test_ours_rows_reads_advanced_rows_with_source_and_commit(tmp_path):
     assert row["range_method"] == "weights mse, activations mse"
 
 
+def test_ours_rows_reads_tagged_ablation_files_and_labels_their_options(tmp_path):
+    def core(top1, **config):
+        return [{"model": "resnet20", "method": "advanced", "setting": "W4A4", "top1": top1, "seconds": 90.0,
+                 "threads": 1, "config": {"iterations": 200, **config}}]
+
+    (tmp_path / "core_resnet20_abl_layer.json").write_text(json.dumps(core(91.1, reconstruction="layer")))
+    (tmp_path / "core_resnet20_abl_block_drop.json").write_text(
+        json.dumps(core(91.4, reconstruction="block", activation_drop=0.5, weight_rounding="learned")))
+    (tmp_path / "core_resnet20.json").write_text(json.dumps(core(90.9)))  # not asked for: not read
+    rows = report.ours_rows(tmp_path, ["resnet20"], ["W4A4"], tags=["_abl_layer", "_abl_block_drop", "_absent"])
+    assert [(r["method"], r["top1"], r["threads"]) for r in rows] == [
+        ("advanced pipeline (layer)", 91.1, 1),
+        ("advanced pipeline (block + drop 0.5, learned rounding)", 91.4, 1),
+    ]
+    assert [r["source"] for r in rows] == ["core_resnet20_abl_layer.json", "core_resnet20_abl_block_drop.json"]
+
+
 def test_ours_rows_from_the_repository_results():
     rows = report.ours_rows(ROOT / "benchmarks" / "results", ["resnet20"], ["W4A4"], repo_root=ROOT)
     if not rows:
