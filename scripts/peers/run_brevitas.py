@@ -48,6 +48,20 @@ def _loader(calib: torch.Tensor, batch_size: int):
                       shuffle=False)
 
 
+def _tolerate_accelerate_hook_removal() -> None:
+    """Let the learned-round trainer remove its offload hooks under accelerate >= 1.16.
+
+    accelerate's ``remove_hook_from_module`` now reads a marker attribute, with a default, off every value in each
+    module's ``__dict__``; Brevitas' quantizer injectors (classes) answer an unknown name with ``DependencyError``
+    instead of ``AttributeError``, so the default never applies and the run crashed after the first block's input
+    capture. The marker, set to False on the injectors' base class, is found by normal lookup first.
+    """
+    from brevitas.inject import ExtendedInjector
+
+    # type.__setattr__: the injector metaclass forbids plain assignment
+    type.__setattr__(ExtendedInjector, "_accelerate_added_attribute", False)
+
+
 def quantize(model: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Module, dict]:
     """Quantize, calibrate, learned-round and bias-correct ``model`` (BN already merged)."""
     import brevitas.nn as qnn
@@ -58,6 +72,7 @@ def quantize(model: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Module, di
     from brevitas_examples.imagenet_classification.ptq.ptq_common import (
         apply_bias_correction, calibrate, create_quant_maps)
 
+    _tolerate_accelerate_hook_removal()
     method = args.range_method or DEFAULT_RANGE
     wbits, abits, flbits = args.weight_bits, args.act_bits, args.first_last_bits
 
