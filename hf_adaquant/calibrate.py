@@ -59,32 +59,39 @@ def init_weight_range(layer: QModuleMixin, method: str, name: str = "") -> None:
 def calibrate_activation_ranges(
     model: nn.Module, batches: Sequence[Batch], method: str, *, seed: int = 0, progress: bool = False
 ) -> None:
-    """Set every input quantizer's range from one float pass over ``batches`` (bounded memory observers).
+    """Set every input quantizer's range, and every output quantizer's (layers feeding a residual add), from one
+    float pass over ``batches`` (bounded memory observers).
 
     Raises:
-        ValueError: a layer's input holds NaN or inf (naming the layer and the calibration batch).
+        ValueError: a layer's input or output holds NaN or inf (naming the layer and the calibration batch).
     """
     layers = {n: m for n, m in qmodules(model).items() if m.input_quantizer is not None}
     observers = {n: RangeObserver(seed=seed + i) for i, n in enumerate(layers)}
+    # outputs: only layers that have an output quantizer, each with its own stream of random draws
+    outputs = {n: m for n, m in qmodules(model).items() if m.output_quantizer is not None}
+    output_observers = {n: RangeObserver(seed=seed + len(observers) + i) for i, n in enumerate(outputs)}
     current = [0]  # index of the batch being observed, for error messages
 
-    def observe(name: str, x: torch.Tensor) -> None:
+    def observe(table: dict[str, RangeObserver], what: str, name: str, x: torch.Tensor) -> None:
         try:
-            observers[name].update(x)
+            table[name].update(x)
         except NonFiniteValuesError as e:
-            message = f"input of {_layer_label(name)} on calibration batch {current[0]}: {e}"
+            message = f"{what} of {_layer_label(name)} on calibration batch {current[0]}: {e}"
             raise NonFiniteValuesError(message) from None
 
-    observing = ((m, lambda mod, args, n=n: observe(n, args[0])) for n, m in layers.items())
-    with hooks(observing, "pre"), quantization_disabled(model):
+    observing = ((m, lambda mod, args, n=n: observe(observers, "input", n, args[0])) for n, m in layers.items())
+    observing_outputs = ((m, lambda mod, args, out, n=n: observe(output_observers, "output", n, out))
+                         for n, m in outputs.items())
+    with hooks(observing, "pre"), hooks(observing_outputs), quantization_disabled(model):
         for index, batch in enumerate(progress_bar(batches, desc="calibrating ranges", disable=not progress,
                                            leave=False)):
             current[0] = index
             # the observers' error already names the layer and this batch
             call_model(model, batch, index, passthrough=(NonFiniteValuesError,))
-    for name, layer in layers.items():
-        q = layer.input_quantizer
-        try:
-            q.set_range(*observers[name].compute(method, bits=q.bits, symmetric=q.symmetric))
-        except ValueError as e:
-            raise ValueError(f"input range of {_layer_label(name)}: {e}") from None
+    for what, table, quantizers in (("input", observers, {n: m.input_quantizer for n, m in layers.items()}),
+                                    ("output", output_observers, {n: m.output_quantizer for n, m in outputs.items()})):
+        for name, q in quantizers.items():
+            try:
+                q.set_range(*table[name].compute(method, bits=q.bits, symmetric=q.symmetric))
+            except ValueError as e:
+                raise ValueError(f"{what} range of {_layer_label(name)}: {e}") from None

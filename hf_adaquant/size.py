@@ -34,12 +34,13 @@ def model_size(model: nn.Module) -> SizeReport:
     """Size of ``model`` as FP32 and with its quantized layers packed.
 
     Packed: ``bits`` per weight (rounded up to whole bytes per layer) plus an fp32 step and zero-point per output
-    channel and per input quantizer; quantized embedding tables: their packed rows plus an fp32 step and zero-point
-    per row; biases and all other parameters and buffers stay fp32. The FP32 size counts the same tensors without
-    any quantizer parameters.
+    channel and per input (and output) quantizer; quantized embedding tables: their packed rows plus an fp32 step
+    and zero-point per row; biases and all other parameters and buffers stay fp32. The FP32 size counts the same
+    tensors without any quantizer parameters.
     """
     layers = qmodules(model)
-    quantizer_tensors = {id(t) for m in layers.values() for q in (m.weight_quantizer, m.input_quantizer)
+    quantizer_tensors = {id(t) for m in layers.values()
+                         for q in (m.weight_quantizer, m.input_quantizer, m.output_quantizer)
                          if q is not None for t in list(q.parameters()) + list(q.buffers())}
     tables = quantized_embeddings(model)
     quantizer_tensors |= {id(t) for m in tables.values() for t in m.buffers()}
@@ -52,7 +53,7 @@ def model_size(model: nn.Module) -> SizeReport:
     other = sum(t.numel() * 4 for t in plain if id(t) not in weights)
     other += sum(m.num_embeddings * (row_nbytes(m.embedding_dim, m.bits) + 8) for m in tables.values())
     packed = sum((m.weight.numel() * m.weight_quantizer.bits + 7) // 8 + 8 * m.weight.shape[0]
-                 + (8 if m.input_quantizer is not None else 0) for m in layers.values())
+                 + 8 * ((m.input_quantizer is not None) + (m.output_quantizer is not None)) for m in layers.values())
     return SizeReport(
         fp32_bytes=int(fp32), quantized_bytes=int(other + packed),
         quantized_weight_bits=int(sum(m.weight.numel() * m.weight_quantizer.bits for m in layers.values())),

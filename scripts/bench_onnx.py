@@ -75,6 +75,7 @@ def target_met(row: dict) -> bool:
 LATENCY_MODELS = ("resnet50", "efficientnet_lite0", "minilm_squad")
 IMAGE_SIZE = {"resnet50": 224, "efficientnet_lite0": 224, "resnet20": 32}
 SYMMETRIC = "-sym"  # setting suffix: weight_symmetric=True
+RESIDUAL = "-res"  # setting suffix: residual_output_bits=8 (after -sym when both: "W8A8-sym-res")
 QUICK_CALIBRATION = 32  # samples, naive ranges: checkpoints made only to be timed
 
 
@@ -140,20 +141,31 @@ def squad_benchmark(num_calib: int, limit: int | None, seed: int) -> tuple[nn.Mo
     return model, tokenizer, calib, examples if limit is None else examples[:limit]
 
 
+def setting_options(setting: str) -> tuple[str, dict[str, Any]]:
+    """A setting's bits (``"W8A8"``) and the config options its suffixes ask for: ``-sym`` symmetric weights (zero-point
+    0, the form onnxruntime's int8 kernels take at 8 bits), ``-res`` 8-bit outputs on the layers before residual adds
+    (so onnxruntime runs those convolutions as QLinearConv too)."""
+    options: dict[str, Any] = {"weight_symmetric": False}
+    if setting.endswith(RESIDUAL):
+        setting, options["residual_output_bits"] = setting.removesuffix(RESIDUAL), 8
+    if setting.endswith(SYMMETRIC):
+        setting, options["weight_symmetric"] = setting.removesuffix(SYMMETRIC), True
+    return setting, options
+
+
 def config_for(name: str, setting: str, method: str, seed: int) -> AdaQuantConfig:
     """bench_core's methods; for MiniLM the BERT QA policy with bench_squad's presets (naive: min-max ranges)."""
-    # "W8A8-sym": symmetric weights (zero-point 0), the form onnxruntime's int8 kernels take at 8 bits
-    symmetric = setting.endswith(SYMMETRIC)
-    wbits, abits = bench_core.parse_setting(setting.removesuffix(SYMMETRIC))
+    bits, options = setting_options(setting)
+    wbits, abits = bench_core.parse_setting(bits)
     if name == "minilm_squad":
         if method == "naive":
             pipeline, extra = "light", {k: v for k, v in bench_core.METHODS["naive"].items() if k != "pipeline"}
         else:
             pipeline, extra = method, dict(bench_squad.PIPELINE_PRESETS[method])
         return bert_qa_quantization_config(wbits, abits, pipeline=pipeline, seed=seed, progress=False,
-                                           weight_symmetric=symmetric, **extra)
-    return AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=seed, progress=False,
-                          weight_symmetric=symmetric, **bench_core.METHODS[method])
+                                           **options, **extra)
+    return AdaQuantConfig(weight_bits=wbits, activation_bits=abits, seed=seed, progress=False, **options,
+                          **bench_core.METHODS[method])
 
 
 def quantize_to(work: Path, name: str, setting: str, method: str, model: nn.Module, calib: list, seed: int,
@@ -491,7 +503,7 @@ def run_latency(args: argparse.Namespace) -> None:
         folder = args.work_dir / "latency" / name
         variants: dict[str, tuple[Path, str | None, str]] = {
             "FP32": (export_float(model, example, folder / "fp32.onnx"), "fp32", "—")}
-        for setting in args.settings or ["W8A8", f"W8A8{SYMMETRIC}", "W4A8"]:
+        for setting in args.settings or ["W8A8", f"W8A8{SYMMETRIC}", f"W8A8{SYMMETRIC}{RESIDUAL}", "W4A8"]:
             directory, label = latency_checkpoint(args, name, setting, model)
             qmodel = reload(name, directory)
             path = export_onnx(qmodel, folder / f"{setting}_{args.op_style}.onnx", example, op_style=args.op_style)
@@ -536,7 +548,8 @@ def main() -> None:
                         help=f"agreement: {', '.join(AGREEMENT)}; latency: {', '.join(LATENCY_MODELS)} "
                              "(and resnet20)")
     parser.add_argument("--settings", nargs="+", default=None,
-                        help=f"override the settings, e.g. W8A8 or W8A8{SYMMETRIC} (symmetric weights)")
+                        help=f"override the settings, e.g. W8A8, W8A8{SYMMETRIC} (symmetric weights) or "
+                             f"W8A8{SYMMETRIC}{RESIDUAL} (and 8-bit outputs before residual adds)")
     parser.add_argument("--method", default=None, choices=sorted(bench_core.METHODS),
                         help="agreement: override the quantization method of every model")
     parser.add_argument("--threads", type=int, default=None, help="default: 1 for --agreement, 2 for --latency")

@@ -148,6 +148,56 @@ def device() -> torch.device:
         pytest.fail(str(exc), pytrace=False)
 
 
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU, conv-BN, dropout, + shortcut (a 1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.drop = nn.Dropout(0.1)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else nn.Identity())
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        return self.relu2(y + self.downsample(x))
+
+
+class ResidualCNN(nn.Module):
+    """A stem conv, two residual blocks (the second with a downsample conv), a linear head (32x32 inputs)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.block1 = ResidualBlock(8, 8, 1)
+        self.block2 = ResidualBlock(8, 16, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.relu(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# the layers whose output feeds a residual add
+RESIDUAL_CNN_RESIDUAL_LAYERS = ["block1.conv2", "block2.conv2", "block2.downsample.0"]
+
+
+def make_residual_cnn(seed: int = 0, calibration: list[torch.Tensor] | None = None) -> ResidualCNN:
+    """A ResidualCNN with seeded weights, random BN affine parameters and, given data, BN stats fitted to it."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorms(ResidualCNN(), seed=seed + 1)
+    if calibration is not None:
+        fit_batchnorm_stats(model, calibration)
+    return model.eval()
+
+
 @pytest.fixture
 def calib_batches() -> list[torch.Tensor]:
     """64 calibration samples: 4 batches of 16 random 3x32x32 images."""

@@ -29,7 +29,7 @@ from .evaluation import EVAL_SAMPLES
 from .layerwise import LayerReport
 from .optim import (PerChannelSteps, improves, limit_weight_deviation, loss_scale, param_groups,
                     state_without_rounding, uses_learned_rounding)
-from .ranges import init_input_range
+from .ranges import init_input_range, init_output_range
 from .rounding import LearnedRounding, annealed_beta
 from .staged import StagedRunner
 
@@ -139,6 +139,7 @@ def optimize_block(
         cache = staged.capture(layer_name)
         try:
             init_input_range(layer, cache, config.activation_range_method, seed=config.seed, name=layer_name)
+            init_output_range(layer, cache, config.activation_range_method, seed=config.seed, name=layer_name)
         finally:
             cache.cleanup()
     device = next(iter(layers.values())).weight.device

@@ -25,7 +25,7 @@ from .evaluation import count_flops, evaluate_layer, phases
 from .iocache import IOCache
 from .optim import (AUTO_LEARNED_ROUNDING_MAX_BITS, PerChannelSteps, improves, layer_loss, limit_weight_deviation,
                     loss_scale, param_groups, state_without_rounding, uses_learned_rounding)
-from .ranges import init_input_range
+from .ranges import init_input_range, init_output_range
 from .rounding import LearnedRounding, annealed_beta
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ def optimize_layer(
     with section("range_init"):
         init_weight_range(layer, config.weight_range_method, name)
         init_input_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync, name=name)
+        init_output_range(layer, cache, config.activation_range_method, seed=config.seed, sync=sync, name=name)
     mse_before = evaluate_layer(layer, cache, config.batch_size, sync, profile)
     best_mse, best_state = mse_before, copy.deepcopy(layer.state_dict())
     original_weight = layer.weight.detach().clone()

@@ -91,10 +91,11 @@ def param_groups(layer: QModuleMixin, config: AdaQuantConfig, rounding: LearnedR
                    {"params": [wq.scale], "lr": config.lr_weight_scale}]
         if not wq.symmetric:
             groups.append({"params": [wq.zero_point], "lr": config.lr_zero_point})
-    if iq is not None:
-        groups.append({"params": [iq.scale], "lr": config.lr_act_scale * iq.scale.detach().mean().item()})
-        if not iq.symmetric:
-            groups.append({"params": [iq.zero_point], "lr": config.lr_zero_point})
+    for q in (iq, layer.output_quantizer):  # activation grids: the input's, and the output's where there is one
+        if q is not None:
+            groups.append({"params": [q.scale], "lr": config.lr_act_scale * q.scale.detach().mean().item()})
+            if not q.symmetric:
+                groups.append({"params": [q.zero_point], "lr": config.lr_zero_point})
     return [g for g in groups if g["lr"] > 0]
 
 

@@ -1,4 +1,5 @@
-"""Range initialisation of a layer's input quantizer from its calibration cache (the weights':
+"""Range initialisation of a layer's activation quantizers from its calibration cache: the input quantizer from
+the cached inputs, the output quantizer (layers feeding a residual add) from the cached FP outputs (the weights':
 :func:`~hf_adaquant.calibrate.init_weight_range`)."""
 
 from __future__ import annotations
@@ -8,13 +9,34 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..nn import QModuleMixin
-from ..quant import RangeObserver
+from ..quant import Quantizer, RangeObserver
 from .iocache import IOCache
 
 if TYPE_CHECKING:
     from ..distributed import DataParallelSync
 
-__all__ = ["init_input_range"]
+__all__ = ["init_input_range", "init_output_range"]
+
+
+def _init_range(q: Quantizer, cache: IOCache, targets: bool, method: str, seed: int, sync: DataParallelSync | None,
+                what: str, name: str) -> None:
+    """Set ``q``'s range from the cached inputs (or, with ``targets``, outputs) of all ranks' shards."""
+    observer = RangeObserver(seed=seed)
+    error = None
+    try:
+        for x, y in cache.iterate(256, targets=targets):
+            observer.update(y if targets else x)
+    except Exception as e:
+        if sync is None:
+            raise
+        error = e
+    if sync is not None:
+        sync.context.sync_failure(error, f"observing the layer {what}s")
+        sync.merge_observer(observer)
+    try:
+        q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
+    except ValueError as e:
+        raise ValueError(f"{what} range of layer {name!r}: {e}") from None
 
 
 @torch.no_grad()
@@ -25,22 +47,18 @@ def init_input_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int
     Raises:
         ValueError: the range is not finite (naming the layer ``name``).
     """
-    q = layer.input_quantizer
-    if q is None:
-        return
-    observer = RangeObserver(seed=seed)
-    error = None
-    try:
-        for x, _ in cache.iterate(256, targets=False):
-            observer.update(x)
-    except Exception as e:
-        if sync is None:
-            raise
-        error = e
-    if sync is not None:
-        sync.context.sync_failure(error, "observing the layer inputs")
-        sync.merge_observer(observer)
-    try:
-        q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
-    except ValueError as e:
-        raise ValueError(f"input range of layer {name!r}: {e}") from None
+    if layer.input_quantizer is not None:
+        _init_range(layer.input_quantizer, cache, False, method, seed, sync, "input", name)
+
+
+@torch.no_grad()
+def init_output_range(layer: QModuleMixin, cache: IOCache, method: str, seed: int,
+                      sync: DataParallelSync | None = None, name: str = "") -> None:
+    """Output quantizer range (if the layer has one) from the cached FP layer outputs, by the activation range
+    ``method`` (of all ranks' shards with ``sync``).
+
+    Raises:
+        ValueError: the range is not finite (naming the layer ``name``).
+    """
+    if layer.output_quantizer is not None:
+        _init_range(layer.output_quantizer, cache, True, method, seed, sync, "output", name)

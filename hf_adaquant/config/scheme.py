@@ -25,6 +25,10 @@ class SchemeConfig(Section):
     weight_symmetric / activation_symmetric: zero-point fixed at 0.
     weight_range_method / activation_range_method: "minmax", "mean_minmax" (activations; the paper's), "mse" or
     "percentile" (range methods registered at run time are accepted too).
+    residual_output_bits: opt-in (None: off). Quantize, per tensor at these bits (2..8), the output of every
+    quantized conv/linear whose output reaches a residual add (ResNet blocks' last conv and shortcut convs,
+    inverted-residual project convs), so that onnxruntime runs those layers on its integer kernels too
+    (``QLinearConv`` needs a requantized output). Models torch.fx cannot trace get none (with a warning).
     """
 
     weight_bits: int = 4
@@ -38,6 +42,7 @@ class SchemeConfig(Section):
     activation_symmetric: bool = False
     weight_range_method: str = "mse"
     activation_range_method: str = "mse"
+    residual_output_bits: int | None = None
 
     def validate(self) -> None:
         check_kinds(self, bools=("weight_symmetric", "activation_symmetric"))
@@ -50,6 +55,9 @@ class SchemeConfig(Section):
         check_bits("activation_bits", self.activation_bits, allow_none=True)
         check_bits("first_last_bits", self.first_last_bits, allow_none=True)
         check_bits("embedding_bits", self.embedding_bits, allow_none=True)
+        check_bits("residual_output_bits", self.residual_output_bits, allow_none=True)
+        if self.residual_output_bits is not None:
+            self.residual_output_bits = int(self.residual_output_bits)
         self.include = check_patterns("include", self.include)
         self.exclude = check_patterns("exclude", self.exclude)
         self.layer_bits = check_bits_map("layer_bits", self.layer_bits)
@@ -57,4 +65,8 @@ class SchemeConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}  # JSON's form; tuples again on load
+        if data["residual_output_bits"] is None:
+            # off (the default): left out, so configs written without the option stay exactly as before and load
+            # in versions that do not know it
+            del data["residual_output_bits"]
         return data

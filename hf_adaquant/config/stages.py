@@ -68,10 +68,11 @@ SENSITIVITY = StageFields(
            "candidate_activation_bits", "sensitivity_criterion", "weight_symmetric", "activation_symmetric",
            "weight_range_method", "activation_range_method", "max_calibration_samples", "seed", "cache_dtype",
            "embedding_bits"),
-    route=("max_cache_bytes", "weight_bits", "activation_bits", "layer_bits"))
+    route=("max_cache_bytes", "weight_bits", "activation_bits", "layer_bits", "residual_output_bits"))
 """Sensitivity measurement in either pipeline. ``weight_bits``/``layer_bits`` are read by its ``prepare_model``
 but every measured option sets the bits; ``activation_bits`` counts only as "weight-only or not" (the cache key
-holds that flag)."""
+holds that flag); ``residual_output_bits`` is read there too, but each layer is measured on its own, without
+output quantizers."""
 
 SENSITIVITY_ADVANCED = StageFields("sensitivity_advanced", reads=_minus(LAYER_FIT.reads, *SENSITIVITY.reads))
 """What the measurement reads in the advanced pipeline only: AdaQuant's, through ``optimize_layer``."""

@@ -24,7 +24,7 @@ from ..quant import Quantizer
 from ..quant.functional import qrange
 
 __all__ = ["EXPORTER_MIN_OPSET", "ActivationEncoding", "ExportError", "IntType", "OpsetTooLowError",
-           "WeightEncoding", "activation_encoding", "weight_encoding"]
+           "WeightEncoding", "activation_encoding", "output_encoding", "weight_encoding"]
 
 # torch.onnx's exporter (dynamo=True) translates to opset 18 and up.
 EXPORTER_MIN_OPSET = 18
@@ -156,20 +156,33 @@ def weight_encoding(layer: QModuleMixin, name: str, opset: int | None) -> Weight
     return WeightEncoding(codes=codes, scale=_step(wq), zero_point=zero_point, type=chosen, bits=wq.bits)
 
 
+def _activation_grid(q: Quantizer, what: str, opset: int | None) -> ActivationEncoding:
+    """The ``QuantizeLinear`` storage of a per-tensor activation grid (an 8-bit container, clipped to the grid)."""
+    _check_ready(q, what)
+    zero_point = _zero_points(q)
+    chosen = _choose(_fitting_types(q.bits, q.signed, zero_point, (8,), (16,)), opset, what)
+    scale = _step(q).reshape(())
+    zp = int(zero_point.reshape(()))
+    clip = None
+    if (chosen.lo, chosen.hi) != (q.qmin, q.qmax):
+        # QuantizeLinear saturates to the type, not the grid. Clipping to (q - zp) * s first is exact: that
+        # float32 product divided by s again rounds back to q - zp.
+        clip = (float(np.float32(q.qmin - zp) * scale), float(np.float32(q.qmax - zp) * scale))
+    return ActivationEncoding(scale=np.float32(scale), zero_point=zp, type=chosen, bits=q.bits, clip=clip)
+
+
 def activation_encoding(layer: QModuleMixin, name: str, opset: int | None) -> ActivationEncoding | None:
     """The ``QuantizeLinear`` storage of ``layer``'s input grid, or None for float inputs."""
     iq = layer.input_quantizer
     if iq is None or not iq.enabled:
         return None
-    what = f"layer {name!r} ({iq.bits}-bit inputs)"
-    _check_ready(iq, what)
-    zero_point = _zero_points(iq)
-    chosen = _choose(_fitting_types(iq.bits, iq.signed, zero_point, (8,), (16,)), opset, what)
-    scale = _step(iq).reshape(())
-    zp = int(zero_point.reshape(()))
-    clip = None
-    if (chosen.lo, chosen.hi) != (iq.qmin, iq.qmax):
-        # QuantizeLinear saturates to the type, not the grid. Clipping to (q - zp) * s first is exact: that
-        # float32 product divided by s again rounds back to q - zp.
-        clip = (float(np.float32(iq.qmin - zp) * scale), float(np.float32(iq.qmax - zp) * scale))
-    return ActivationEncoding(scale=np.float32(scale), zero_point=zp, type=chosen, bits=iq.bits, clip=clip)
+    return _activation_grid(iq, f"layer {name!r} ({iq.bits}-bit inputs)", opset)
+
+
+def output_encoding(layer: QModuleMixin, name: str, opset: int | None) -> ActivationEncoding | None:
+    """The ``QuantizeLinear`` storage of ``layer``'s output grid (``residual_output_bits``), or None when the
+    layer's output stays float."""
+    oq = layer.output_quantizer
+    if oq is None or not oq.enabled:
+        return None
+    return _activation_grid(oq, f"layer {name!r} ({oq.bits}-bit outputs)", opset)

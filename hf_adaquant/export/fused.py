@@ -14,7 +14,9 @@ the float one. :func:`fused_qdq` therefore rewrites, per quantized layer:
 - a Conv whose output stays float (e.g. before a residual Add), or with 8-bit per-channel asymmetric weights (their
   ``codes - zero-point`` do not fit int8 and QLinearConv takes one weight zero-point): the weight is dequantized by
   foldable ``Cast -> Sub -> Mul`` nodes (the same float operations as ``DequantizeLinear``) and the convolution runs
-  in float at the float model's speed.
+  in float at the float model's speed. A model quantized with ``residual_output_bits=8`` has an output quantizer
+  on the convolutions before residual Adds (exported as ``QuantizeLinear`` right after the Conv): they take the
+  first form.
 
 The dequantized values are unchanged, so the numbers are the QDQ form's (see :mod:`.onnx` on onnxruntime's integer
 kernels).

@@ -28,7 +28,7 @@ _NUMPY_TYPES = {"INT2": ml_dtypes.int2, "UINT2": ml_dtypes.uint2, "INT4": ml_dty
 
 
 def quantizer_tag(layer: str, tensor: str) -> str:
-    """Metadata value marking the nodes of ``layer``'s ``tensor`` quantizer ("weight" or "input")."""
+    """Metadata value marking the nodes of ``layer``'s ``tensor`` quantizer ("weight", "input" or "output")."""
     return f"{layer}|{tensor}"
 
 
@@ -42,10 +42,10 @@ def _weight_initializers(prefix: str, enc: WeightEncoding) -> list[onnx.TensorPr
             _integers(enc.zero_point, enc.type, f"{prefix}.weight_zero_point")]
 
 
-def _input_initializers(prefix: str, enc: ActivationEncoding) -> list[onnx.TensorProto]:
-    # scalars: per-tensor QuantizeLinear/DequantizeLinear
-    return [numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), f"{prefix}.input_scale"),
-            _integers(np.array(enc.zero_point), enc.type, f"{prefix}.input_zero_point")]
+def _activation_initializers(prefix: str, enc: ActivationEncoding, tensor: str) -> list[onnx.TensorProto]:
+    # scalars: per-tensor QuantizeLinear/DequantizeLinear of the layer's input or output
+    return [numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), f"{prefix}.{tensor}_scale"),
+            _integers(np.array(enc.zero_point), enc.type, f"{prefix}.{tensor}_zero_point")]
 
 
 def _tag(node: onnx.NodeProto) -> str | None:
@@ -189,28 +189,29 @@ def _same_values(a: object, b: object) -> bool:
         v, np.ndarray) or isinstance(vars(b)[k], np.ndarray) else v == vars(b)[k] for k, v in fields.items())
 
 
-def _merged(tag: str, found: set[str], weights: dict[str, WeightEncoding],
-            inputs: dict[str, ActivationEncoding]) -> bool:
+def _merged(tag: str, found: set[str], tables: dict[str, dict[str, Any]]) -> bool:
     """Whether the exporter merged ``tag``'s node into a found one with the same values (e.g. query, key and value
     layers quantizing the same hidden states with the same grid: one QuantizeLinear serves all three)."""
     layer, tensor = tag.rsplit("|", 1)
-    table: dict[str, Any] = weights if tensor == "weight" else inputs
+    table = tables[tensor]
     return any(_same_values(table[layer], table[other.rsplit("|", 1)[0]])
                for other in found if other.endswith(f"|{tensor}"))
 
 
 def attach_encodings(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
-                     inputs: dict[str, ActivationEncoding], traced: set[str]) -> onnx.ModelProto:
+                     inputs: dict[str, ActivationEncoding], traced: set[str],
+                     outputs: dict[str, ActivationEncoding] | None = None) -> onnx.ModelProto:
     """Give the tagged quantizer nodes of ``model`` their integer initializers, in place; returns ``model``.
 
     Args:
-        weights / inputs: the encodings by layer name.
+        weights / inputs / outputs: the encodings by layer name (outputs: layers with an output quantizer).
         traced: tags the export traced; each must be found in the graph.
 
     Raises:
         ExportError: a traced quantizer is missing from the graph (the exporter rewrote it).
     """
     graph = model.graph
+    tables: dict[str, dict[str, Any]] = {"weight": weights, "input": inputs, "output": outputs or {}}
     found: set[str] = set()
     new: dict[str, onnx.TensorProto] = {}
     for node in graph.node:
@@ -224,13 +225,13 @@ def attach_encodings(model: onnx.ModelProto, weights: dict[str, WeightEncoding],
             node.input[:] = [t.name for t in tensors]
             node.name = f"{prefix}.weight_dequantize"
         else:
-            tensors = _input_initializers(prefix, inputs[layer])
+            tensors = _activation_initializers(prefix, tables[tensor][layer], tensor)
             node.input[1:] = [t.name for t in tensors]
-            node.name = f"{prefix}.input_{'quantize' if node.op_type == 'QuantizeLinear' else 'dequantize'}"
+            node.name = f"{prefix}.{tensor}_{'quantize' if node.op_type == 'QuantizeLinear' else 'dequantize'}"
         new.update({t.name: t for t in tensors})
         _drop_tag(node)
         found.add(tag)
-    missing = sorted(tag for tag in traced - found if not _merged(tag, found, weights, inputs))
+    missing = sorted(tag for tag in traced - found if not _merged(tag, found, tables))
     if missing:
         raise ExportError(f"the exported graph lost the quantizers {missing[:5]} (torch.onnx rewrote them)")
     graph.initializer.extend(new.values())

@@ -28,7 +28,7 @@ from ..serialization.packed import FROZEN_CLASSES
 from ..utils.files import atomic_path
 from .embeddings import embeddings_export_mode
 from .encodings import (EXPORTER_MIN_OPSET, ActivationEncoding, ExportError, OpsetTooLowError, WeightEncoding,
-                        activation_encoding, weight_encoding)
+                        activation_encoding, output_encoding, weight_encoding)
 from .inputs import (DynamicAxes, Inputs, default_axes, dynamic_shapes, input_names, output_names, reference_outputs,
                      split_inputs, to_model_device)
 
@@ -88,11 +88,14 @@ def quantized_layers(qmodel: nn.Module) -> dict[str, QModuleMixin]:
 
 # ------------------------------------------------------------------------------------------------------ opsets
 def _encodings(layers: dict[str, QModuleMixin], opset: int | None
-               ) -> tuple[dict[str, WeightEncoding], dict[str, ActivationEncoding]]:
+               ) -> tuple[dict[str, WeightEncoding], dict[str, ActivationEncoding], dict[str, ActivationEncoding]]:
+    """Weight, input and output encodings by layer name (layers with float inputs or outputs left out)."""
     weights = {name: weight_encoding(layer, name, opset) for name, layer in layers.items()}
     inputs = {name: enc for name, layer in layers.items()
               if (enc := activation_encoding(layer, name, opset)) is not None}
-    return weights, inputs
+    outputs = {name: enc for name, layer in layers.items()
+               if (enc := output_encoding(layer, name, opset)) is not None}
+    return weights, inputs, outputs
 
 
 def resolve_opset(layers: dict[str, QModuleMixin], opset: int | None) -> int:
@@ -103,8 +106,8 @@ def resolve_opset(layers: dict[str, QModuleMixin], opset: int | None) -> int:
     """
     newest = onnx.defs.onnx_opset_version()
     if opset is None:
-        weights, inputs = _encodings(layers, None)
-        needed = [e.type.min_opset for e in (*weights.values(), *inputs.values())]
+        weights, inputs, outputs = _encodings(layers, None)
+        needed = [e.type.min_opset for e in (*weights.values(), *inputs.values(), *outputs.values())]
         return max([EXPORTER_MIN_OPSET, *needed])
     if not isinstance(opset, int) or isinstance(opset, bool):
         raise ExportError(f"opset must be an integer, got {opset!r}")
@@ -112,7 +115,7 @@ def resolve_opset(layers: dict[str, QModuleMixin], opset: int | None) -> int:
         raise ExportError(f"opset {opset} is newer than the installed onnx supports ({newest})")
     problems: list[OpsetTooLowError] = []
     for name, layer in layers.items():
-        for encode in (weight_encoding, activation_encoding):
+        for encode in (weight_encoding, activation_encoding, output_encoding):
             try:
                 encode(layer, name, opset)
             except OpsetTooLowError as exc:
@@ -133,7 +136,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
     Each quantized weight is an integer initializer (8-bit types for 5..8 bits, 4-bit types for 3..4 bits, 2-bit
     types for 2 bits from opset 25, else a 4-bit container) dequantized per output channel by ``DequantizeLinear``;
     each input quantizer is a ``QuantizeLinear``/``DequantizeLinear`` pair in an 8-bit container (with a ``Clip``
-    to the grid below 8 bits). Quantized embedding tables are ``uint8`` codes gathered, then dequantized per row.
+    to the grid below 8 bits), and so is each output quantizer (``residual_output_bits``), right after its layer's
+    Conv/Gemm. Quantized embedding tables are ``uint8`` codes gathered, then dequantized per row.
     onnxruntime then computes what the PyTorch model computes (see the module notes on its integer kernels for
     8-bit layers).
 
@@ -172,16 +176,16 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Inpu
     layers = quantized_layers(qmodel)
     args, kwargs = to_model_device(qmodel, *split_inputs(example_inputs))
     opset = resolve_opset(layers, opset)
-    weights, inputs = _encodings(layers, opset)
+    weights, inputs, layer_outputs = _encodings(layers, opset)
     names = input_names(qmodel, args, kwargs)
     axes = default_axes(args, kwargs, names) if dynamic_axes is None else dynamic_axes
     shapes = dynamic_shapes(axes, args, kwargs, names) if axes else None
     traced: set[str] = set()
     with evaluating(qmodel):
         outputs = reference_outputs(qmodel, args, kwargs)
-        with export_mode(layers, weights, inputs, opset, traced), embeddings_export_mode(qmodel):
+        with export_mode(layers, weights, inputs, opset, traced, layer_outputs), embeddings_export_mode(qmodel):
             model = trace(qmodel, args, kwargs, opset, shapes, output_names(outputs))
-    attach_encodings(model, weights, inputs, traced)
+    attach_encodings(model, weights, inputs, traced, layer_outputs)
     fold_weight_transposes(model)
     fused: set[str] = set()
     if op_style != "qdq":

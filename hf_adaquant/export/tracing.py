@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..nn import QModuleMixin
+from ..quant import Quantizer
 from .encodings import ActivationEncoding, ExportError, WeightEncoding
 from .graph import QUANTIZER_KEY, quantizer_tag
 
@@ -31,9 +32,9 @@ def _symbolic_weight(layer: QModuleMixin, tag: str, enc: WeightEncoding, opset: 
                                    metadata_props={QUANTIZER_KEY: tag})
 
 
-def _symbolic_input(x: torch.Tensor, layer: QModuleMixin, tag: str, enc: ActivationEncoding,
-                    opset: int) -> torch.Tensor:
-    iq = layer.input_quantizer
+def _symbolic_activation(x: torch.Tensor, iq: Quantizer, tag: str, enc: ActivationEncoding,
+                         opset: int) -> torch.Tensor:
+    """``QuantizeLinear -> DequantizeLinear`` of an activation (a layer's input, or its output) on ``iq``'s grid."""
     if enc.clip is not None:
         x = torch.clamp(x, *enc.clip)
     q = torch.onnx.ops.symbolic("QuantizeLinear", (x, iq.scale, iq.zero_point), {},
@@ -57,9 +58,11 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def export_mode(layers: dict[str, QModuleMixin], weights: dict[str, WeightEncoding],
-                 inputs: dict[str, ActivationEncoding], opset: int, traced: set[str]) -> Iterator[None]:
+                inputs: dict[str, ActivationEncoding], opset: int, traced: set[str],
+                outputs: dict[str, ActivationEncoding] | None = None) -> Iterator[None]:
     """Route each layer's quantizers to symbolic ONNX nodes (instance attributes over the class's methods);
-    the model is restored afterwards, whatever happens."""
+    the model is restored afterwards, whatever happens. ``outputs``: the layers with an output quantizer."""
+    outputs = outputs or {}
 
     def weight_hook(name: str, layer: QModuleMixin) -> Any:
         def quantized_weight() -> torch.Tensor:
@@ -70,19 +73,29 @@ def export_mode(layers: dict[str, QModuleMixin], weights: dict[str, WeightEncodi
     def input_hook(name: str, layer: QModuleMixin) -> Any:
         def quantize_input(x: torch.Tensor) -> torch.Tensor:
             traced.add(quantizer_tag(name, "input"))
-            return _symbolic_input(x, layer, quantizer_tag(name, "input"), inputs[name], opset)
+            return _symbolic_activation(x, layer.input_quantizer, quantizer_tag(name, "input"), inputs[name], opset)
         return quantize_input
+
+    def output_hook(name: str, layer: QModuleMixin) -> Any:
+        # after the layer's Conv/Gemm node and its bias: where onnxruntime looks for the requantization
+        def quantize_output(y: torch.Tensor) -> torch.Tensor:
+            traced.add(quantizer_tag(name, "output"))
+            return _symbolic_activation(y, layer.output_quantizer, quantizer_tag(name, "output"), outputs[name],
+                                        opset)
+        return quantize_output
 
     try:
         for name, layer in layers.items():
             layer.quantized_weight = weight_hook(name, layer)
             if name in inputs:
                 layer.quantize_input = input_hook(name, layer)
+            if name in outputs:
+                layer.quantize_output = output_hook(name, layer)
         yield
     finally:
         for layer in layers.values():
-            layer.__dict__.pop("quantized_weight", None)
-            layer.__dict__.pop("quantize_input", None)
+            for method in ("quantized_weight", "quantize_input", "quantize_output"):
+                layer.__dict__.pop(method, None)
 
 
 def trace(qmodel: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], opset: int,

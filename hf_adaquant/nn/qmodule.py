@@ -38,7 +38,10 @@ def register_qmodule(float_type: type[nn.Module]) -> Callable[[T], T]:
 class QModuleMixin:
     """Adds a per-channel weight quantizer and a per-tensor input quantizer to a float layer.
 
-    ``input_quantizer`` is None when activations stay in float (weight-only quantization). ``output_activation``
+    ``input_quantizer`` is None when activations stay in float (weight-only quantization). ``output_quantizer``
+    (per tensor, None unless :meth:`add_output_quantizer` gave one) quantizes the layer's output right after the
+    bias, where an exported ``QuantizeLinear`` follows the Conv/Gemm node (layers feeding a residual add, see
+    ``SchemeConfig.residual_output_bits``). ``output_activation``
     names the activation that follows the layer in the model ("relu", "relu6" or None). ``bn_target`` holds the
     folded BatchNorm's ``(|gamma|, beta)``: the output statistics BN tuning restores.
     """
@@ -57,6 +60,7 @@ class QModuleMixin:
             Quantizer(activation_bits, symmetric=activation_symmetric).to(device)
             if activation_bits is not None else None
         )
+        self.output_quantizer: Quantizer | None = None
         self.output_activation: str | None = None
         self.bn_target: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bn: nn.Module | None = None  # only present during BN tuning
@@ -74,13 +78,32 @@ class QModuleMixin:
     def activation_bits(self) -> int | None:
         return None if self.input_quantizer is None else self.input_quantizer.bits
 
+    @property
+    def output_bits(self) -> int | None:
+        return None if self.output_quantizer is None else self.output_quantizer.bits
+
+    def add_output_quantizer(self, bits: int, symmetric: bool = False) -> Quantizer:
+        """Give the layer a per-tensor output quantizer (range still to be set); returns it.
+
+        Raises:
+            ValueError: the layer already has one.
+        """
+        if self.output_quantizer is not None:
+            raise ValueError(f"{type(self).__name__} already has an output quantizer")
+        self.output_quantizer = Quantizer(bits, symmetric=symmetric).to(self.bias.device)
+        return self.output_quantizer
+
     def set_quantization_enabled(self, enabled: bool) -> None:
         self.weight_quantizer.enabled = enabled
-        if self.input_quantizer is not None:
-            self.input_quantizer.enabled = enabled
+        for q in (self.input_quantizer, self.output_quantizer):
+            if q is not None:
+                q.enabled = enabled
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def quantized_weight(self) -> torch.Tensor:
         # While AdaQuant learns the rounding (adaquant/rounding.py) the weight comes from the rounding module.
@@ -94,7 +117,9 @@ class QModuleMixin:
         return y if fn is None else fn(y)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bn is None else self.bn(y)
+        """The layer's output from its Conv/Linear result (bias included): the BN being tuned, if any (it folds
+        into the bias later), then the output quantizer."""
+        return self.quantize_output(y if self.bn is None else self.bn(y))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ allocation (:func:`hf_adaquant.allocation.measure_sensitivity`), so it lives bel
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from ..utils.batches import Batch
 from ..utils.modules import set_submodule
 from .find_layers import LayerInfo, check_no_meta_tensors, plan_layer_bits, trace_layers
 from .fold_bn import FoldResult, fold_batchnorms
+from .residual_outputs import add_residual_output_quantizers
 
 __all__ = ["PreparedModel", "prepare_model"]
 
@@ -31,6 +32,7 @@ class PreparedModel:
     layers: list[LayerInfo]
     plan: dict[str, tuple[int, int | None]]
     fold: FoldResult
+    residual_layers: list[str] = field(default_factory=list)  # given an output quantizer (residual_output_bits)
 
 
 def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig) -> PreparedModel:
@@ -52,7 +54,11 @@ def prepare_model(model: nn.Module, example_batch: Batch, config: AdaQuantConfig
         qlayer.output_activation = fold.output_activations.get(name)
         qlayer.bn_target = fold.bn_targets.get(name)
         set_submodule(qmodel, name, qlayer)
+    residual_layers = []
+    if config.residual_output_bits is not None:
+        residual_layers = add_residual_output_quantizers(fp_model, qmodel, list(plan), config.residual_output_bits,
+                                                         config.activation_symmetric)
     if config.embedding_bits is not None:
         # before any calibration: every later stage then sees (and compensates) the stored tables' error
         quantize_embeddings_(qmodel, config.embedding_bits, config.exclude)
-    return PreparedModel(fp_model, qmodel, layers, plan, fold)
+    return PreparedModel(fp_model, qmodel, layers, plan, fold, residual_layers)

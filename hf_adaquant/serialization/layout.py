@@ -1,11 +1,13 @@
 """The checkpoint layout: which layers are quantized how, and the layer <-> packed-tensor conversions.
 
 A quantized layer ``L`` is stored under names a float loader does not know (``L.weight_packed``, ``L.weight_scale``,
-``L.weight_zero_point``, ``L.weight_signed``, ``L.input_scale``, ``L.input_zero_point``, ``L.input_signed``) plus its
-float ``L.bias``; its float ``L.weight`` is never written. On load the float weight is rebuilt from the codes as
+``L.weight_zero_point``, ``L.weight_signed``, ``L.input_scale``, ``L.input_zero_point``, ``L.input_signed``; a layer
+with an output quantizer also ``L.output_scale``, ``L.output_zero_point``, ``L.output_signed``) plus its float
+``L.bias``; its float ``L.weight`` is never written. On load the float weight is rebuilt from the codes as
 ``(code - zero_point) * step``, a point of the grid, so fake-quantizing it again gives exactly the stored codes.
 Quantized embedding tables are described under ``embeddings`` (see :mod:`.embeddings`); a layout that has them is
-version 2, so that a library reading only version 1 refuses it with a clear message.
+version 2, so that a library reading only version 1 refuses it with a clear message; one with output quantizers
+(``residual_output_bits``) is version 3, for the same reason (an older library would drop them).
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ from .pack import check_tensor_specs, pack_codes, packed_nbytes, unpack_codes
 __all__ = ["LAYOUT_VERSION", "READABLE_LAYOUT_VERSIONS", "WEIGHTS_NAME", "check_layer_tensors", "describe_model", "layer_tensor_specs",
            "pack_layer", "quantize_skeleton_", "unpack_layer", "validate_layer_description"]
 
-LAYOUT_VERSION = 2  # written when the model has quantized embeddings; version 1 otherwise (older readers)
-READABLE_LAYOUT_VERSIONS = (1, 2)
+# Written: 3 when a layer has an output quantizer, else 2 when the model has quantized embeddings, else 1 (the
+# lowest version that holds the model, so older readers load what they can read and refuse what they cannot).
+LAYOUT_VERSION = 3
+EMBEDDINGS_LAYOUT_VERSION = 2
+READABLE_LAYOUT_VERSIONS = (1, 2, 3)
 # Not ``model.safetensors``: loaders that do not know the format (transformers or timm without hf_adaquant) then
 # find no weights they recognise and fail instead of building a float model around missing weights.
 WEIGHTS_NAME = "adaquant_model.safetensors"
 _MIN_BITS, _MAX_BITS = 2, 8
 _LAYER_KEYS = ("type", "weight_bits", "activation_bits", "weight_symmetric", "activation_symmetric",
                "output_activation", "weight_shape")
+# present only for a layer with an output quantizer (so that the layout of other models stays as it was)
+_OUTPUT_KEYS = ("output_bits", "output_symmetric")
 
 
 def describe_layer(module: QModuleMixin) -> dict[str, Any]:
@@ -51,7 +58,12 @@ def describe_layer(module: QModuleMixin) -> dict[str, Any]:
         "activation_symmetric": bool(iq.symmetric) if iq is not None else False,
         "output_activation": module.output_activation,
         "weight_shape": list(module.weight.shape),
-    }
+    } | _describe_output(module)
+
+
+def _describe_output(module: QModuleMixin) -> dict[str, Any]:
+    oq = module.output_quantizer
+    return {} if oq is None else {"output_bits": oq.bits, "output_symmetric": bool(oq.symmetric)}
 
 
 def describe_model(qmodel: nn.Module, folded_batchnorms: dict[str, str]) -> dict[str, Any]:
@@ -64,7 +76,9 @@ def describe_model(qmodel: nn.Module, folded_batchnorms: dict[str, str]) -> dict
               "layers": layers, "folded_batchnorms": dict(folded_batchnorms)}
     embeddings = describe_embeddings(qmodel)
     if embeddings:
-        layout.update(version=LAYOUT_VERSION, embeddings=embeddings)
+        layout.update(version=EMBEDDINGS_LAYOUT_VERSION, embeddings=embeddings)
+    if any("output_bits" in desc for desc in layers.values()):
+        layout["version"] = LAYOUT_VERSION
     return layout
 
 
@@ -97,6 +111,13 @@ def validate_layer_description(desc: Any) -> None:
     if desc["output_activation"] is not None and desc["output_activation"] not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"output_activation must be one of {sorted(OUTPUT_ACTIVATIONS)} or null, "
                          f"got {desc['output_activation']!r}")
+    present = [key for key in _OUTPUT_KEYS if key in desc]
+    if present and len(present) != len(_OUTPUT_KEYS):
+        raise ValueError(f"has {present} without {sorted(set(_OUTPUT_KEYS) - set(present))}")
+    if present:
+        _check_bits(desc["output_bits"], "output_bits", allow_none=False)
+        if not isinstance(desc["output_symmetric"], bool):
+            raise ValueError(f"output_symmetric must be true or false, got {desc['output_symmetric']!r}")
     shape = desc["weight_shape"]
     if not isinstance(shape, list) or not shape or \
             not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
@@ -114,10 +135,21 @@ def layer_tensor_specs(desc: dict[str, Any]) -> dict[str, tuple[torch.dtype, tup
         "weight_signed": (torch.uint8, (1,)),
         "bias": (torch.float32, (channels,)),
     }
-    if desc["activation_bits"] is not None:
-        specs.update(input_scale=(torch.float32, (1,)), input_zero_point=(torch.int32, (1,)),
-                     input_signed=(torch.uint8, (1,)))
+    for side, bits in (("input", desc["activation_bits"]), ("output", desc.get("output_bits"))):
+        if bits is not None:
+            specs.update({f"{side}_scale": (torch.float32, (1,)), f"{side}_zero_point": (torch.int32, (1,)),
+                          f"{side}_signed": (torch.uint8, (1,))})
     return specs
+
+
+def _activation_sides(desc: dict[str, Any]) -> list[tuple[str, int, bool]]:
+    """``(side, bits, symmetric)`` of the layer's per-tensor activation quantizers: input, output."""
+    sides = []
+    if desc["activation_bits"] is not None:
+        sides.append(("input", desc["activation_bits"], desc["activation_symmetric"]))
+    if desc.get("output_bits") is not None:
+        sides.append(("output", desc["output_bits"], desc["output_symmetric"]))
+    return sides
 
 
 @torch.no_grad()
@@ -134,13 +166,14 @@ def pack_layer(module: QModuleMixin) -> dict[str, torch.Tensor]:
         "weight_signed": torch.tensor([int(wq.signed)], dtype=torch.uint8),
         "bias": module.bias.detach().float().cpu().clone(),
     }
-    iq = module.input_quantizer
-    if iq is not None:
-        if not bool(iq.initialized):
-            raise ValueError(f"{type(module).__name__} has an uncalibrated input quantizer; nothing to save")
-        out.update(input_scale=iq.scale.detach().float().cpu().clone(),
-                   input_zero_point=torch.round(iq.zero_point.detach()).to(torch.int32).cpu(),
-                   input_signed=torch.tensor([int(iq.signed)], dtype=torch.uint8))
+    for side, q in (("input", module.input_quantizer), ("output", module.output_quantizer)):
+        if q is None:
+            continue
+        if not bool(q.initialized):
+            raise ValueError(f"{type(module).__name__} has an uncalibrated {side} quantizer; nothing to save")
+        out.update({f"{side}_scale": q.scale.detach().float().cpu().clone(),
+                    f"{side}_zero_point": torch.round(q.zero_point.detach()).to(torch.int32).cpu(),
+                    f"{side}_signed": torch.tensor([int(q.signed)], dtype=torch.uint8)})
     # what load would refuse is refused here, so a save that succeeds always loads
     check_layer_tensors(out, describe_layer(module))
     return out
@@ -169,9 +202,7 @@ def check_layer_tensors(tensors: dict[str, torch.Tensor], desc: dict[str, Any]) 
         ValueError: the first inconsistency, naming the tensor.
     """
     check_tensor_specs(tensors, layer_tensor_specs(desc))
-    sides = [("weight", desc["weight_bits"], desc["weight_symmetric"])]
-    if desc["activation_bits"] is not None:
-        sides.append(("input", desc["activation_bits"], desc["activation_symmetric"]))
+    sides = [("weight", desc["weight_bits"], desc["weight_symmetric"]), *_activation_sides(desc)]
     for side, bits, symmetric in sides:
         flag = int(tensors[f"{side}_signed"].item())
         if flag not in (0, 1):
@@ -203,11 +234,11 @@ def unpack_layer(tensors: dict[str, torch.Tensor], desc: dict[str, Any],
     weight = (codes.float() - zero_point.reshape(bshape)) * scale.clamp(min=MIN_STEP).reshape(bshape)
     state = {"weight": weight, "bias": tensors["bias"].float().cpu(), "weight_quantizer.scale": scale,
              "weight_quantizer.zero_point": zero_point, "weight_quantizer.initialized": torch.tensor(True)}
-    if desc["activation_bits"] is not None:
-        signed["input"] = bool(tensors["input_signed"].item())
-        state.update({"input_quantizer.scale": tensors["input_scale"].float().cpu(),
-                      "input_quantizer.zero_point": tensors["input_zero_point"].float().cpu(),
-                      "input_quantizer.initialized": torch.tensor(True)})
+    for side, _, _ in _activation_sides(desc):
+        signed[side] = bool(tensors[f"{side}_signed"].item())
+        state.update({f"{side}_quantizer.scale": tensors[f"{side}_scale"].float().cpu(),
+                      f"{side}_quantizer.zero_point": tensors[f"{side}_zero_point"].float().cpu(),
+                      f"{side}_quantizer.initialized": torch.tensor(True)})
     return state, signed
 
 
@@ -223,13 +254,16 @@ def build_qmodule(float_module: nn.Module, desc: dict[str, Any], where: str = "l
         raise ValueError(f"{where}: weight shape {list(q.weight.shape)} in the model, {desc['weight_shape']} in the "
                          "checkpoint (wrong architecture or model arguments?)")
     q.output_activation = desc["output_activation"]
+    if desc.get("output_bits") is not None:
+        q.add_output_quantizer(desc["output_bits"], symmetric=desc["output_symmetric"])
     return q
 
 
 def apply_signed(module: QModuleMixin, signed: dict[str, bool]) -> None:
     module.weight_quantizer.signed = signed["weight"]
-    if module.input_quantizer is not None:
-        module.input_quantizer.signed = signed["input"]
+    for side, q in (("input", module.input_quantizer), ("output", module.output_quantizer)):
+        if q is not None:
+            q.signed = signed[side]
 
 
 def replace_folded_batchnorms_(model: nn.Module, folded: dict[str, str]) -> None:

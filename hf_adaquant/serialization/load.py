@@ -13,7 +13,7 @@ from torch import nn
 from ..report import QuantizationReport
 from .checkpoint_config import read_checkpoint_config
 from .embeddings import unpack_embedding
-from .layout import WEIGHTS_NAME, apply_signed, quantize_skeleton_, unpack_layer
+from .layout import WEIGHTS_NAME, apply_signed, layer_tensor_specs, quantize_skeleton_, unpack_layer
 from .packed import freeze
 from .weights import CONFIG_NAME, CheckpointError, check_weights_header, read_weights, verify_layer_tensors
 
@@ -51,8 +51,7 @@ def load_state_into_(model: nn.Module, tensors: dict[str, torch.Tensor], layout:
         except ValueError as exc:
             raise CheckpointError(str(exc)) from exc
         state.update({prefix + k: v for k, v in layer_state.items()})
-        unknown = sorted(set(own) - {"weight_packed", "weight_scale", "weight_zero_point", "weight_signed", "bias",
-                                     "input_scale", "input_zero_point", "input_signed"})
+        unknown = sorted(set(own) - set(layer_tensor_specs(desc)))
         if unknown:
             raise CheckpointError(f"{where}: layer {name!r} has unknown tensors {unknown}")
     for name, desc in layout.get("embeddings", {}).items():

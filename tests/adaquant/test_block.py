@@ -87,6 +87,18 @@ def test_block_mode_lowers_block_output_mse_below_layer_mode() -> None:
         assert by_name[name].mse_after == pytest.approx(mse, rel=1e-4)
 
 
+def test_block_mode_initialises_output_ranges_from_the_fp_outputs() -> None:
+    """Output quantizers (residual_output_bits) in block reconstruction: ranges set before the block is evaluated,
+    the block's loss no worse after optimisation."""
+    model, batches = _resnet()
+    prepared, reports = _run(model, batches, _config(residual_output_bits=8))
+    assert prepared.residual_layers == ["layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"]
+    for name in prepared.residual_layers:
+        assert bool(prepared.qmodel.get_submodule(name).output_quantizer.initialized)
+    for report in reports:
+        assert report.mse_after <= report.mse_before
+
+
 def test_model_without_stages_falls_back_to_layer_mode_with_a_warning(caplog) -> None:
     batches = make_batches(2, 4)
     model = make_tiny_cnn(0, batches)

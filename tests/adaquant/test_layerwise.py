@@ -93,6 +93,60 @@ def test_optimize_layer_applies_following_relu_to_the_loss() -> None:
         assert report.mse_before < F.mse_loss(out, y).item()
 
 
+def test_optimize_layer_sets_and_learns_the_output_range() -> None:
+    """An output quantizer (residual_output_bits) gets its range from the cached FP outputs by the activation range
+    method, counts in the layer loss, and its step is learned with the input's."""
+    conv, cache, _ = _random_conv_cache(seed=4)
+    x, y = _cached(cache)
+    layer = QConv2d.from_float(conv, 4, 8)
+    layer.add_output_quantizer(8)
+    config = fast_config(weight_bits=4, activation_bits=8, iterations=0, activation_range_method="minmax")
+    report = optimize_layer(layer, cache, config, make_generator(0, 0))
+    oq = layer.output_quantizer
+    step, zero_point = float(oq.step().detach()), float(oq.zero_point.detach().round())
+    assert (oq.qmin - zero_point) * step == pytest.approx(float(y.min()), abs=step)  # minmax: the whole range
+    assert (oq.qmax - zero_point) * step == pytest.approx(float(y.max()), abs=step)
+    with torch.no_grad():
+        assert report.mse_before == pytest.approx(F.mse_loss(layer(x), y).item(), rel=1e-4)
+        assert torch.equal(layer(x), oq(F.conv2d(layer.input_quantizer(x), layer.quantized_weight(), layer.bias,
+                                                 padding=1)))
+    assert any(p is oq.scale for g in optim.param_groups(layer, config, None) for p in g["params"])
+    trained = QConv2d.from_float(conv, 4, 8)
+    trained.add_output_quantizer(8)
+    report = optimize_layer(trained, cache, config.replace(iterations=40, batch_size=32), make_generator(0, 0))
+    assert report.mse_after < report.mse_before
+    assert not torch.equal(trained.output_quantizer.scale, oq.scale)  # the step moved
+
+
+def test_advanced_pipeline_with_residual_outputs_and_tuning() -> None:
+    """Sequential AdaQuant, BN tuning and bias tuning with output quantizers on the residual convs: every layer's
+    MSE no worse than its initialisation, the outputs on their grids, the model close to the float one."""
+    from tests.conftest import RESIDUAL_CNN_RESIDUAL_LAYERS, make_residual_cnn
+
+    from hf_adaquant import quantize
+
+    batches = make_batches(2, 16)
+    model = make_residual_cnn(0, batches)
+    qmodel = quantize(model, batches, fast_config(weight_bits=4, activation_bits=8, residual_output_bits=8,
+                                                  iterations=20, bias_tuning=True, bias_tuning_steps=5))
+    report = qmodel.hf_adaquant_report
+    assert report.bn_tuned_layers and report.bias_tuning_kl is not None
+    for entry in report.layers:
+        assert entry["mse_after"] <= entry["mse_before"], entry
+    outputs = {}
+    hooks = [qmodel.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out))
+             for n in RESIDUAL_CNN_RESIDUAL_LAYERS]
+    with torch.no_grad():
+        logits, ref = qmodel(batches[0]), model(batches[0])
+    for h in hooks:
+        h.remove()
+    for name in RESIDUAL_CNN_RESIDUAL_LAYERS:
+        q = qmodel.get_submodule(name).output_quantizer
+        torch.testing.assert_close(q(outputs[name]), outputs[name], rtol=0, atol=1e-6)
+    assert (logits.argmax(1) == ref.argmax(1)).float().mean() >= 0.75
+    assert F.mse_loss(logits, ref) < 0.1 * ref.var()
+
+
 def test_optimize_layer_restores_initial_state_when_training_diverges() -> None:
     conv, cache, _ = _random_conv_cache(seed=1)
     layer = QConv2d.from_float(conv, 4, 4)

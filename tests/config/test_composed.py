@@ -61,6 +61,10 @@ def test_every_field_is_type_checked_by_name(name: str) -> None:
     ("version", 0, r"version must be an integer >= 1"),
     ("embedding_bits", 1, r"embedding_bits must be an integer in 2..8 or None, got 1"),
     ("embedding_bits", 8.0, r"embedding_bits must be an integer in 2..8 or None, got 8.0"),
+    ("residual_output_bits", 1, r"residual_output_bits must be an integer in 2..8 or None, got 1"),
+    ("residual_output_bits", 9, r"residual_output_bits must be an integer in 2..8 or None, got 9"),
+    ("residual_output_bits", True, r"residual_output_bits must be an integer in 2..8 or None, got True"),
+    ("residual_output_bits", "8", r"residual_output_bits must be an integer in 2..8 or None, got '8'"),
 ])
 def test_wrong_values_name_the_field_and_what_was_given(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -79,6 +83,17 @@ def test_accepted_forms_are_normalised() -> None:
     again = AdaQuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     assert AdaQuantConfig.from_dict({"layer_bits": None}).layer_bits == {}
+
+
+def test_residual_output_bits_is_left_out_of_saved_configs_while_off() -> None:
+    """Off (None, the default) it is not written, so configs of runs without it read as before (and in versions
+    that do not know it); on, it round-trips through JSON (numpy integers normalised)."""
+    assert "residual_output_bits" not in AdaQuantConfig().to_dict()
+    assert AdaQuantConfig.from_dict(AdaQuantConfig().to_dict()).residual_output_bits is None
+    config = AdaQuantConfig(residual_output_bits=np.int64(8))
+    assert type(config.residual_output_bits) is int and config.to_dict()["residual_output_bits"] == 8
+    again = AdaQuantConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.scheme.residual_output_bits == 8
 
 
 def test_budget_with_layer_bits_is_refused_naming_both_and_pinned_layers() -> None:
@@ -103,7 +118,8 @@ SECTION_TYPES = {"scheme": SchemeConfig, "optimizer": OptimizerConfig, "tuning":
 OTHER_VALUE = {
     "weight_bits": 3, "activation_bits": None, "first_last_bits": None, "embedding_bits": None, "include": ["a*"],
     "exclude": ["b"], "layer_bits": {"c": (8, 8)}, "weight_symmetric": True, "activation_symmetric": True,
-    "weight_range_method": "minmax", "activation_range_method": "mean_minmax", "pipeline": "light",
+    "weight_range_method": "minmax", "activation_range_method": "mean_minmax", "residual_output_bits": 8,
+    "pipeline": "light",
     "variant": "parallel", "iterations": 7, "batch_size": 3, "max_step_elements": 99, "lr_weight": 0.5,
     "lr_bias": 0.5, "lr_weight_scale": 0.5, "lr_act_scale": 0.5, "lr_zero_point": 0.5, "weight_deviation_limit": 2.0,
     "weight_rounding": "learned", "reconstruction": "block", "activation_drop": 0.5,

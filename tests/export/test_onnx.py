@@ -64,14 +64,18 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray], level: ort.GraphOptimizat
 
 
 def torch_codes(qmodel: nn.Module, *args, **kwargs) -> tuple[object, dict[str, np.ndarray]]:
-    """Outputs and, by layer name, the integer codes of every input quantizer."""
+    """Outputs and, by layer name, the integer codes of every input quantizer (output quantizers under
+    ``"<layer>.output_quantize"``, their node's name in the graph)."""
     codes: dict[str, np.ndarray] = {}
     hooks = []
     for name, layer in qmodel.named_modules():
-        iq = getattr(layer, "input_quantizer", None)
-        if iq is not None and hasattr(layer, "weight_quantizer"):
-            hooks.append(iq.register_forward_hook(
-                lambda q, inp, out, name=name: codes.__setitem__(name, q.int_codes(inp[0]).long().numpy())))
+        if not hasattr(layer, "weight_quantizer"):
+            continue
+        for key, q in ((name, getattr(layer, "input_quantizer", None)),
+                       (f"{name}.output_quantize", getattr(layer, "output_quantizer", None))):
+            if q is not None:
+                hooks.append(q.register_forward_hook(
+                    lambda q, inp, out, key=key: codes.__setitem__(key, q.int_codes(inp[0]).long().numpy())))
     with torch.no_grad():
         out = qmodel(*args, **kwargs)
     for h in hooks:
@@ -239,6 +243,86 @@ def test_asymmetric_8bit_weights_are_named_with_the_fix(cnn_models, tmp_path: Pa
     with caplog.at_level("WARNING", logger="hf_adaquant.export.onnx"):
         export_onnx(symmetric, tmp_path / "s.onnx", batches[0][:2])
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _residual_model(weight_bits: int, activation_bits: int, residual_output_bits: int | None
+                    ) -> tuple[nn.Module, list[torch.Tensor]]:
+    from tests.conftest import make_residual_cnn
+
+    batches = make_batches(2, 16)
+    config = light(weight_bits, activation_bits)
+    config.weight_symmetric, config.residual_output_bits = True, residual_output_bits
+    return quantize(make_residual_cnn(0, batches), batches, config), batches
+
+
+def _export_with_forms(qmodel: nn.Module, path: Path, example: torch.Tensor) -> dict[str, str]:
+    """Export (fused style) and return the rewrite's form of each layer."""
+    import hf_adaquant.export.onnx as onnx_export
+
+    real, forms = onnx_export.fused_qdq, {}
+
+    def recording(*args, **kwargs):
+        rewrite = real(*args, **kwargs)
+        forms.update(rewrite.forms)
+        return rewrite
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "fused_qdq", recording)
+        export_onnx(qmodel, path, example)
+    return forms
+
+
+def test_residual_outputs_run_on_onnxruntime_integer_kernels(tmp_path: Path) -> None:
+    """residual_output_bits=8 with symmetric 8-bit weights: the convs before the residual adds get a
+    QuantizeLinear right after them (after the bias), the rewrite fuses them, onnxruntime runs them as QLinearConv,
+    and onnxruntime still computes PyTorch's numbers (output codes included)."""
+    from tests.conftest import RESIDUAL_CNN_RESIDUAL_LAYERS
+
+    plain, batches = _residual_model(8, 8, None)
+    qmodel, _ = _residual_model(8, 8, 8)
+    before = _export_with_forms(plain, tmp_path / "plain.onnx", batches[0][:2])
+    forms = _export_with_forms(qmodel, tmp_path / "m.onnx", batches[0][:2])
+    assert {before[n] for n in RESIDUAL_CNN_RESIDUAL_LAYERS} == {"float"}
+    assert {forms[n] for n in RESIDUAL_CNN_RESIDUAL_LAYERS} == {"fused"}
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    for layer in RESIDUAL_CNN_RESIDUAL_LAYERS:
+        q = next(n for n in graph.node if n.name == f"{layer}.output_quantize")
+        conv = producers[q.input[0]]  # the Conv itself, its bias inside: onnxruntime's requantization pattern
+        assert conv.op_type == "Conv" and len(conv.input) == 3
+        assert producers[conv.input[1]].input[0] == f"{layer}.weight_int8" or \
+            f"{layer}.weight_zero_point_int8" in inits
+        assert inits[f"{layer}.output_zero_point"].data_type == onnx.TensorProto.UINT8
+    count = lambda path: len([n for n in _optimized_graph(path, tmp_path).node if n.op_type == "QLinearConv"])
+    assert count(tmp_path / "m.onnx") == count(tmp_path / "plain.onnx") + len(RESIDUAL_CNN_RESIDUAL_LAYERS)
+    x = torch.cat(make_batches(1, 5, seed=9))
+    ref, ref_codes = torch_codes(qmodel, x)
+    assert {f"{n}.output_quantize" for n in RESIDUAL_CNN_RESIDUAL_LAYERS} <= set(ref_codes)
+    for level in (NONE, ALL):
+        outputs, codes = run_onnx(tmp_path / "m.onnx", {"x": x.numpy()}, level)
+        assert {f"{n}.output_quantize" for n in RESIDUAL_CNN_RESIDUAL_LAYERS} <= set(codes)
+        stats = assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes, integer_kernels=level == ALL)
+        if level == NONE:
+            assert stats["max_abs_diff"] <= 1e-5 * stats["scale"], stats
+
+
+def test_residual_outputs_below_8_bits_are_clipped_to_their_grid(tmp_path: Path) -> None:
+    """A 4-bit output grid in its 8-bit container (Clip first): PyTorch's codes, the layer left in float."""
+    from tests.conftest import RESIDUAL_CNN_RESIDUAL_LAYERS
+
+    qmodel, batches = _residual_model(4, 4, 4)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", batches[0][:2])
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    for layer in RESIDUAL_CNN_RESIDUAL_LAYERS:
+        q = next(n for n in graph.node if n.name == f"{layer}.output_quantize")
+        assert producers[q.input[0]].op_type == "Clip"
+    x = torch.cat(make_batches(1, 5, seed=9))
+    ref, ref_codes = torch_codes(qmodel, x)
+    for level in (NONE, ALL):
+        outputs, codes = run_onnx(path, {"x": x.numpy()}, level)
+        assert_same_numbers(outputs, codes, [ref.numpy()], ref_codes)
 
 
 def test_op_style_is_validated(cnn_models, tmp_path: Path) -> None:

@@ -477,3 +477,110 @@ def test_bad_weights_file_name_and_missing_local_path(saved_tiny: Path, tmp_path
 def test_unquantized_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="hf_adaquant_report"):
         save_quantized(make_tiny_cnn(), tmp_path / "x")
+
+
+# ------------------------------------------------------------- residual output quantizers (residual_output_bits)
+@pytest.fixture(scope="module")
+def residual_quantized(tmp_path_factory: pytest.TempPathFactory):
+    from tests.conftest import make_residual_cnn
+
+    batches = make_batches(2, 8)
+    qmodel = quantize(make_residual_cnn(0, batches), batches,
+                      AdaQuantConfig(weight_bits=8, activation_bits=8, weight_symmetric=True, residual_output_bits=8,
+                                     **LIGHT))
+    directory = tmp_path_factory.mktemp("residual") / "ck"
+    save_quantized(qmodel, directory)
+    return qmodel, batches, directory
+
+
+def _output_grids(model: nn.Module) -> dict[str, tuple]:
+    return {n: (m.output_quantizer.bits, m.output_quantizer.signed, m.output_quantizer.scale.clone(),
+                m.output_quantizer.zero_point.clone()) for n, m in model.named_modules()
+            if isinstance(m, QModuleMixin) and m.output_quantizer is not None}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_residual_output_quantizers_round_trip_bitwise(residual_quantized, packed: bool, tmp_path: Path) -> None:
+    from tests.conftest import RESIDUAL_CNN_RESIDUAL_LAYERS, make_residual_cnn
+
+    qmodel, batches, directory = residual_quantized
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    layout = config["checkpoint_layout"]
+    assert config["residual_output_bits"] == 8 and layout["version"] == 3  # older readers refuse, not drop, them
+    assert [n for n, d in layout["layers"].items() if "output_bits" in d] == RESIDUAL_CNN_RESIDUAL_LAYERS
+    assert layout["layers"]["block2.conv2"]["output_bits"] == 8
+    assert layout["layers"]["block2.conv2"]["output_symmetric"] is False
+    stored = load_file(str(directory / WEIGHTS_NAME))
+    assert sorted(k for k in stored if ".output_" in k) == sorted(
+        f"{n}.output_{t}" for n in RESIDUAL_CNN_RESIDUAL_LAYERS for t in ("scale", "zero_point", "signed"))
+    loaded = load_quantized(directory, model=make_residual_cnn(7), packed=packed)
+    original, reloaded = _output_grids(qmodel), _output_grids(loaded)
+    assert list(original) == list(reloaded) == RESIDUAL_CNN_RESIDUAL_LAYERS
+    for name in original:
+        bits, signed, scale, zero_point = reloaded[name]
+        assert (bits, signed) == original[name][:2] and bool(loaded.get_submodule(name).output_quantizer.initialized)
+        assert torch.equal(scale, original[name][2]) and torch.equal(zero_point, original[name][3])
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(loaded(batch), qmodel(batch))
+    save_quantized(loaded, tmp_path / "again")  # a reloaded model saves the same tensors
+    again = load_file(str(tmp_path / "again" / WEIGHTS_NAME))
+    assert again.keys() == stored.keys() and all(torch.equal(again[k], stored[k]) for k in stored)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.pop("output_symmetric"), r"layers\['block1.conv2'\]: has \['output_bits'\] without "
+                                          r"\['output_symmetric'\]"),
+    (lambda d: d.update(output_bits=9), r"layers\['block1.conv2'\]: output_bits must be an integer in 2..8"),
+    (lambda d: d.update(output_symmetric="no"), r"output_symmetric must be true or false"),
+])
+def test_edited_output_quantizer_descriptions_are_refused(residual_quantized, tmp_path: Path, change,
+                                                          message: str) -> None:
+    from tests.conftest import make_residual_cnn
+
+    directory = tmp_path / "ck"
+    shutil.copytree(residual_quantized[2], directory)
+    _edit_config(directory, lambda layout: change(layout["layers"]["block1.conv2"]))
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(directory, model=make_residual_cnn())
+
+
+def test_output_tensors_without_their_description_are_refused(residual_quantized, tmp_path: Path) -> None:
+    """A layout that lost a layer's output description (edited, binding stripped) leaves its stored output tensors
+    unknown: refused, never a model silently without the output grid."""
+    from tests.conftest import make_residual_cnn
+
+    directory = tmp_path / "ck"
+    shutil.copytree(residual_quantized[2], directory)
+    _strip_binding(directory)
+    _edit_config(directory, lambda layout: [layout["layers"]["block1.conv2"].pop(k)
+                                            for k in ("output_bits", "output_symmetric")])
+    with pytest.raises(CheckpointError, match=r"layer 'block1.conv2' has unknown tensors \['output_scale', "):
+        load_quantized(directory, model=make_residual_cnn())
+
+
+def test_transformers_reload_keeps_output_quantizers(tmp_path: Path) -> None:
+    """Plain torch.fx does not trace a transformers BERT (so quantize gives it none); output quantizers added by
+    hand still travel through save_pretrained / from_pretrained (and the packed reload) bitwise."""
+    from tests.integrations.test_transformers import TINY, _batches
+    from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    qmodel = quantize(BertForQuestionAnswering(BertConfig(**TINY)).eval(), _batches(),
+                      AdaQuantConfig(weight_bits=8, activation_bits=8, **LIGHT))
+    names = ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.output.dense"]
+    for name in names:
+        layer = qmodel.get_submodule(name)
+        q = layer.add_output_quantizer(8)
+        q.set_range(torch.tensor([-0.7]), torch.tensor([0.9]))
+    qmodel.save_pretrained(tmp_path / "bert")
+    assert json.loads((tmp_path / "bert" / "config.json").read_text())[
+        "quantization_config"]["checkpoint_layout"]["version"] == 3
+    batch = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        reference = qmodel(**batch).start_logits
+        for loaded in (AutoModelForQuestionAnswering.from_pretrained(tmp_path / "bert"),
+                       load_quantized(tmp_path / "bert", packed=True)):
+            assert [n for n, m in loaded.named_modules()
+                    if isinstance(m, QModuleMixin) and m.output_quantizer is not None] == names
+            assert torch.equal(loaded(**batch).start_logits, reference)

@@ -210,6 +210,25 @@ def test_light_pipeline_output_closer_than_naive(tiny_cnn, calib_batches) -> Non
     assert err_light < err_naive
 
 
+def test_tuning_with_residual_output_quantizers(calib_batches) -> None:
+    """BN tuning and bias correction on a model whose residual convs quantize their outputs: the residual layers
+    are tuned too, and the light pipeline still ends closer to the float model than without tuning."""
+    from tests.conftest import RESIDUAL_CNN_RESIDUAL_LAYERS, make_residual_cnn
+
+    model = make_residual_cnn(0, calib_batches)
+    base = dict(weight_bits=3, activation_bits=4, first_last_bits=None, pipeline="light", residual_output_bits=8,
+                weight_range_method="minmax", activation_range_method="minmax")
+    naive = quantize(model, calib_batches, fast_config(bn_tuning=False, bias_correction=False, **base))
+    light = quantize(model, calib_batches, fast_config(**base))
+    assert set(RESIDUAL_CNN_RESIDUAL_LAYERS) <= set(light.hf_adaquant_report.bn_tuned_layers)
+    x = torch.cat(calib_batches)
+    with torch.no_grad():
+        ref = model(x)
+        err_naive, err_light = (naive(x) - ref).pow(2).mean(), (light(x) - ref).pow(2).mean()
+        bias_naive, bias_light = (naive(x) - ref).mean(0).abs().mean(), (light(x) - ref).mean(0).abs().mean()
+    assert bias_light < 0.5 * bias_naive and err_light < err_naive
+
+
 # -------------------------------------------------------------------------------------------- bias tuning
 
 
