@@ -27,8 +27,10 @@ class SchemeConfig(Section):
     "percentile" (range methods registered at run time are accepted too).
     residual_output_bits: opt-in (None: off). Quantize, per tensor at these bits (2..8), the output of every
     quantized conv/linear whose output reaches a residual add (ResNet blocks' last conv and shortcut convs,
-    inverted-residual project convs), so that onnxruntime runs those layers on its integer kernels too
-    (``QLinearConv`` needs a requantized output). Models torch.fx cannot trace get none (with a warning).
+    inverted-residual project convs), so that onnxruntime can run those layers on its integer kernels too
+    (``QLinearConv`` needs a requantized output; its fast kernels also need 8 output bits, 8-bit inputs and weights
+    that fit int8, e.g. ``weight_symmetric=True``). Models torch.fx cannot trace get none (with a warning);
+    weight-only schemes (``activation_bits=None``) are refused: the integer kernels need quantized inputs.
     """
 
     weight_bits: int = 4
@@ -58,6 +60,10 @@ class SchemeConfig(Section):
         check_bits("residual_output_bits", self.residual_output_bits, allow_none=True)
         if self.residual_output_bits is not None:
             self.residual_output_bits = int(self.residual_output_bits)
+            if self.activation_bits is None:
+                raise ValueError("residual_output_bits needs quantized activations (activation_bits 2..8): with "
+                                 "activation_bits=None the layers' inputs stay float and no integer kernel could "
+                                 "use a quantized output; set residual_output_bits=None or activation_bits")
         self.include = check_patterns("include", self.include)
         self.exclude = check_patterns("exclude", self.exclude)
         self.layer_bits = check_bits_map("layer_bits", self.layer_bits)

@@ -65,6 +65,12 @@ class QModuleMixin:
         self.bn_target: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bn: nn.Module | None = None  # only present during BN tuning
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        # A layer pickled whole (torch.save(qmodel)) before output quantizers existed has no such attribute.
+        if "output_quantizer" not in self._modules and "output_quantizer" not in self.__dict__:
+            self.output_quantizer = None
+
     @classmethod
     def from_float(cls, module: nn.Module, weight_bits: int, activation_bits: int | None, *,
                    weight_symmetric: bool = False, activation_symmetric: bool = False) -> "QModuleMixin":

@@ -4,8 +4,9 @@ onnxruntime runs a quantized convolution on its integer kernels (``QLinearConv``
 output is requantized. The last conv of a ResNet block, its shortcut conv and the project conv of an inverted
 residual feed an add in float, so they run in float unless their output gets its own quantizer. This module finds
 them on the ``torch.fx`` graph: a layer whose output reaches an add of two computed tensors through identities
-only (``nn.Identity``, dropout, what a folded BatchNorm leaves). A model that does not trace gets no residual
-output quantizers, with a warning saying why (a guess could quantize the wrong tensors).
+only (``nn.Identity``, dropout, torchvision's stochastic depth in eval mode, what a folded BatchNorm leaves). A
+model that does not trace gets no residual output quantizers, with a warning saying why (a guess could quantize the
+wrong tensors).
 """
 
 from __future__ import annotations
@@ -50,8 +51,20 @@ def _is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         # what folding leaves of a fused BN-act module without an activation: Sequential(Identity, Identity)
         return isinstance(module, nn.Sequential) and all(isinstance(m, EVAL_IDENTITIES) for m in module)
     if node.op == "call_function":
-        return node.target in _IDENTITY_FUNCTIONS
+        return node.target in _IDENTITY_FUNCTIONS or _is_eval_stochastic_depth(node)
     return node.op == "call_method" and node.target in _IDENTITY_METHODS
+
+
+def _is_eval_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth(input, p, mode, training)`` (EfficientNet's MBConv, before its skip add):
+    torch.fx keeps it as one call (``torch.fx.wrap``), an identity when traced with ``training=False``. Matched by
+    name so that torchvision stays optional."""
+    target = node.target
+    if getattr(target, "__name__", None) != "stochastic_depth" or \
+            not str(getattr(target, "__module__", "")).startswith("torchvision."):
+        return False
+    training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+    return training is False
 
 
 def _is_residual_add(node: fx.Node) -> bool:

@@ -96,6 +96,12 @@ def test_residual_output_bits_is_left_out_of_saved_configs_while_off() -> None:
     assert again == config and again.scheme.residual_output_bits == 8
 
 
+def test_residual_output_bits_is_refused_for_weight_only_schemes() -> None:
+    with pytest.raises(ValueError, match=r"residual_output_bits needs quantized activations"):
+        AdaQuantConfig(residual_output_bits=8, activation_bits=None)
+    assert AdaQuantConfig(residual_output_bits=None, activation_bits=None).activation_bits is None
+
+
 def test_budget_with_layer_bits_is_refused_naming_both_and_pinned_layers() -> None:
     with pytest.raises(ValueError, match=r"size_budget cannot be combined with layer_bits.*pinned_layers"):
         AdaQuantConfig(size_budget=0.2, layer_bits={"conv1": (8, 8)})

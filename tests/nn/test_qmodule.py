@@ -65,3 +65,30 @@ def test_a_frozen_layer_keeps_its_output_quantizer() -> None:
     reference = model(x)
     freeze(model)
     assert model[0].output_quantizer is not None and torch.equal(model(x), reference)
+
+
+@torch.no_grad()
+def test_a_layer_pickled_before_output_quantizers_existed_still_runs() -> None:
+    """``torch.save(qmodel)`` of a model quantized before ``output_quantizer`` existed (no such attribute in the
+    pickle): it loads as a layer without one, computing what it computed."""
+    import io
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    q = _calibrated(nn.Conv2d(3, 4, 3, padding=1), x, output_bits=None)
+    reference = q(x)
+    del q.__dict__["output_quantizer"]  # the layer as it was pickled then
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(q), buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)[0]
+    assert old.output_quantizer is None and old.output_bits is None
+    assert torch.equal(old(x), reference)
+    old.set_quantization_enabled(False)
+    # a layer that had one keeps it through a pickle
+    with_output = _calibrated(nn.Conv2d(3, 4, 3, padding=1), x)
+    buffer = io.BytesIO()
+    torch.save(with_output, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert isinstance(restored.output_quantizer, nn.Module) and torch.equal(restored(x), with_output(x))

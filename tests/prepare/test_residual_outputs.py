@@ -74,6 +74,31 @@ def test_only_adds_of_two_computed_tensors_count() -> None:
     assert find_residual_layers(_Adds(), ["a", "b", "c", "d"]) == ["c"]
 
 
+class _StochasticDepthBlock(nn.Module):
+    """torchvision's MBConv tail: ``result = stochastic_depth(project(x)); result += x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.project = nn.Conv2d(3, 3, 1)
+        self.stochastic_depth = StochasticDepth(0.2, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.stochastic_depth(self.project(x))
+        result += x
+        return result
+
+
+def test_torchvision_stochastic_depth_is_an_identity_in_eval_mode_only() -> None:
+    """torch.fx keeps torchvision's ``stochastic_depth`` as one call (EfficientNet's MBConv): in eval mode
+    (``training=False``) it passes the project conv's output through to the skip add; in train mode it does not."""
+    pytest.importorskip("torchvision")
+    block = _StochasticDepthBlock()
+    assert find_residual_layers(block.eval(), ["project"]) == ["project"]
+    assert find_residual_layers(block.train(), ["project"]) == []
+
+
 class _Branchy(nn.Module):
     """A forward that depends on the data: torch.fx cannot trace it."""
 
@@ -102,8 +127,8 @@ def test_a_model_that_does_not_trace_gets_none_with_a_warning(caplog) -> None:
 def test_weight_only_layers_and_symmetric_activations() -> None:
     model = make_residual_cnn()
     x = torch.randn(2, 3, 32, 32)
-    weight_only = prepare_model(model, x, _config(residual_output_bits=8, activation_bits=None))
-    assert weight_only.residual_layers == []  # onnxruntime's integer kernels need quantized inputs too
+    # a weight-only scheme is refused by the config; weight-only layers of a quantized scheme get none
+    # (onnxruntime's integer kernels need quantized inputs too)
     excluded = prepare_model(model, x, _config(residual_output_bits=6, layer_bits={"block1.conv2": (8, None)},
                                                activation_symmetric=True))
     assert excluded.residual_layers == ["block2.conv2", "block2.downsample.0"]
