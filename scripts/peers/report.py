@@ -109,12 +109,20 @@ def ours_rows(results_dir: Path, models: Iterable[str], settings: Iterable[str],
                     "iterations": config.get("iterations"), "eval_images": 10000,
                     "range_method": "weights {}, activations {}".format(
                         config.get("weight_range_method", "?"), config.get("activation_range_method", "?")),
-                    # older bench_core rows do not record their thread count; its --threads default is 2.
-                    "threads": r.get("threads", "2 (bench_core default, not recorded)"),
+                    "threads": _threads(r),
                     "load_average_1min": r.get("load_average_1min"), "commit": r.get("commit", "unknown"),
                     "source": source,
                 })
     return out
+
+
+def _threads(row: dict) -> int | str:
+    """The row's thread count: recorded by bench_core since 0a483de, before that in its run profile (if any)."""
+    if "threads" in row:
+        return row["threads"]
+    profiled = ((row.get("profile") or {}).get("throughput") or {}).get("threads")
+    # older bench_core rows without a profile do not record it; its --threads default is 2.
+    return profiled if profiled is not None else "2 (bench_core default, not recorded)"
 
 
 def _variant(config: dict) -> str:
@@ -127,6 +135,8 @@ def _variant(config: dict) -> str:
         parts.append("layer")
     if config.get("weight_rounding", "auto") != "auto":
         parts.append(f"{config['weight_rounding']} rounding")
+    if config.get("seed"):
+        parts.append(f"seed {config['seed']}")
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -118,13 +118,20 @@ def test_ours_rows_reads_tagged_ablation_files_and_labels_their_options(tmp_path
     (tmp_path / "core_resnet20_abl_layer.json").write_text(json.dumps(core(91.1, reconstruction="layer")))
     (tmp_path / "core_resnet20_abl_block_drop.json").write_text(
         json.dumps(core(91.4, reconstruction="block", activation_drop=0.5, weight_rounding="learned")))
+    seeded = core(91.2, reconstruction="layer", seed=1)
+    del seeded[0]["threads"]  # rows before bench_core recorded it: read from the run profile
+    seeded[0]["profile"] = {"throughput": {"threads": 1}}
+    (tmp_path / "core_resnet20_abl_layer_seed1.json").write_text(json.dumps(seeded))
     (tmp_path / "core_resnet20.json").write_text(json.dumps(core(90.9)))  # not asked for: not read
-    rows = report.ours_rows(tmp_path, ["resnet20"], ["W4A4"], tags=["_abl_layer", "_abl_block_drop", "_absent"])
+    rows = report.ours_rows(tmp_path, ["resnet20"], ["W4A4"],
+                            tags=["_abl_layer", "_abl_block_drop", "_abl_layer_seed1", "_absent"])
     assert [(r["method"], r["top1"], r["threads"]) for r in rows] == [
         ("advanced pipeline (layer)", 91.1, 1),
         ("advanced pipeline (block + drop 0.5, learned rounding)", 91.4, 1),
+        ("advanced pipeline (layer, seed 1)", 91.2, 1),
     ]
-    assert [r["source"] for r in rows] == ["core_resnet20_abl_layer.json", "core_resnet20_abl_block_drop.json"]
+    assert [r["source"] for r in rows] == ["core_resnet20_abl_layer.json", "core_resnet20_abl_block_drop.json",
+                                           "core_resnet20_abl_layer_seed1.json"]
 
 
 def test_ours_rows_from_the_repository_results():
