@@ -88,10 +88,11 @@ def calibrate_activation_ranges(
             current[0] = index
             # the observers' error already names the layer and this batch
             call_model(model, batch, index, passthrough=(NonFiniteValuesError,))
-    for what, table, quantizers in (("input", observers, {n: m.input_quantizer for n, m in layers.items()}),
-                                    ("output", output_observers, {n: m.output_quantizer for n, m in outputs.items()})):
-        for name, q in quantizers.items():
+    quantized = {**layers, **outputs}
+    for what, table in (("input", observers), ("output", output_observers)):
+        for name, observer in table.items():
+            q = quantized[name].activation_quantizers()[what]
             try:
-                q.set_range(*table[name].compute(method, bits=q.bits, symmetric=q.symmetric))
+                q.set_range(*observer.compute(method, bits=q.bits, symmetric=q.symmetric))
             except ValueError as e:
                 raise ValueError(f"{what} range of {_layer_label(name)}: {e}") from None

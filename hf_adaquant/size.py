@@ -40,8 +40,8 @@ def model_size(model: nn.Module) -> SizeReport:
     """
     layers = qmodules(model)
     quantizer_tensors = {id(t) for m in layers.values()
-                         for q in (m.weight_quantizer, m.input_quantizer, m.output_quantizer)
-                         if q is not None for t in list(q.parameters()) + list(q.buffers())}
+                         for q in (m.weight_quantizer, *m.activation_quantizers().values())
+                         for t in list(q.parameters()) + list(q.buffers())}
     tables = quantized_embeddings(model)
     quantizer_tensors |= {id(t) for m in tables.values() for t in m.buffers()}
     float_tables = [m._parameters["weight"] for m in tables.values() if "weight" in m._parameters]
@@ -53,7 +53,7 @@ def model_size(model: nn.Module) -> SizeReport:
     other = sum(t.numel() * 4 for t in plain if id(t) not in weights)
     other += sum(m.num_embeddings * (row_nbytes(m.embedding_dim, m.bits) + 8) for m in tables.values())
     packed = sum((m.weight.numel() * m.weight_quantizer.bits + 7) // 8 + 8 * m.weight.shape[0]
-                 + 8 * ((m.input_quantizer is not None) + (m.output_quantizer is not None)) for m in layers.values())
+                 + 8 * len(m.activation_quantizers()) for m in layers.values())
     return SizeReport(
         fp32_bytes=int(fp32), quantized_bytes=int(other + packed),
         quantized_weight_bits=int(sum(m.weight.numel() * m.weight_quantizer.bits for m in layers.values())),

@@ -82,13 +82,18 @@ def fit_batchnorm_stats(model: nn.Module, batches: list[torch.Tensor]) -> nn.Mod
     return model.eval()
 
 
-def make_tiny_cnn(seed: int = 0, calibration: list[torch.Tensor] | None = None) -> TinyCNN:
-    """A TinyCNN with seeded weights, random BN affine parameters and, given data, BN stats fitted to it."""
+def make_seeded_cnn(cls: type[nn.Module], seed: int = 0, calibration: list[torch.Tensor] | None = None) -> nn.Module:
+    """A ``cls()`` with seeded weights, random BN affine parameters and, given data, BN stats fitted to it."""
     torch.manual_seed(seed)
-    model = randomize_batchnorms(TinyCNN(), seed=seed + 1)
+    model = randomize_batchnorms(cls(), seed=seed + 1)
     if calibration is not None:
         fit_batchnorm_stats(model, calibration)
     return model.eval()
+
+
+def make_tiny_cnn(seed: int = 0, calibration: list[torch.Tensor] | None = None) -> TinyCNN:
+    """A TinyCNN with seeded weights, random BN affine parameters and, given data, BN stats fitted to it."""
+    return make_seeded_cnn(TinyCNN, seed, calibration)
 
 
 def make_batches(num_batches: int = 4, batch_size: int = 16, shape: tuple[int, ...] = (3, 32, 32),
@@ -191,11 +196,7 @@ RESIDUAL_CNN_RESIDUAL_LAYERS = ["block1.conv2", "block2.conv2", "block2.downsamp
 
 def make_residual_cnn(seed: int = 0, calibration: list[torch.Tensor] | None = None) -> ResidualCNN:
     """A ResidualCNN with seeded weights, random BN affine parameters and, given data, BN stats fitted to it."""
-    torch.manual_seed(seed)
-    model = randomize_batchnorms(ResidualCNN(), seed=seed + 1)
-    if calibration is not None:
-        fit_batchnorm_stats(model, calibration)
-    return model.eval()
+    return make_seeded_cnn(ResidualCNN, seed, calibration)
 
 
 @pytest.fixture

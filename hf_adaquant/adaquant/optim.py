@@ -82,7 +82,7 @@ def param_groups(layer: QModuleMixin, config: AdaQuantConfig, rounding: LearnedR
     With ``rounding`` the weight grid is frozen and only its up/down choices (``rounding.alpha``) are learned.
     Groups whose rate is 0 are left out.
     """
-    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    wq = layer.weight_quantizer
     groups = [{"params": [layer.bias], "lr": config.lr_bias}]
     if rounding is not None:  # the grid is frozen: only the up/down choices of the weights are learned
         groups.append({"params": [rounding.alpha], "lr": config.lr_rounding})
@@ -91,11 +91,10 @@ def param_groups(layer: QModuleMixin, config: AdaQuantConfig, rounding: LearnedR
                    {"params": [wq.scale], "lr": config.lr_weight_scale}]
         if not wq.symmetric:
             groups.append({"params": [wq.zero_point], "lr": config.lr_zero_point})
-    for q in (iq, layer.output_quantizer):  # activation grids: the input's, and the output's where there is one
-        if q is not None:
-            groups.append({"params": [q.scale], "lr": config.lr_act_scale * q.scale.detach().mean().item()})
-            if not q.symmetric:
-                groups.append({"params": [q.zero_point], "lr": config.lr_zero_point})
+    for q in layer.activation_quantizers().values():  # the input's grid, and the output's where there is one
+        groups.append({"params": [q.scale], "lr": config.lr_act_scale * q.scale.detach().mean().item()})
+        if not q.symmetric:
+            groups.append({"params": [q.zero_point], "lr": config.lr_zero_point})
     return [g for g in groups if g["lr"] > 0]
 
 

@@ -99,11 +99,15 @@ class QModuleMixin:
         self.output_quantizer = Quantizer(bits, symmetric=symmetric).to(self.bias.device)
         return self.output_quantizer
 
+    def activation_quantizers(self) -> dict[str, Quantizer]:
+        """The layer's per-tensor activation quantizers that exist, by side: ``"input"``, then ``"output"``."""
+        sides = {"input": self.input_quantizer, "output": self.output_quantizer}
+        return {side: q for side, q in sides.items() if q is not None}
+
     def set_quantization_enabled(self, enabled: bool) -> None:
         self.weight_quantizer.enabled = enabled
-        for q in (self.input_quantizer, self.output_quantizer):
-            if q is not None:
-                q.enabled = enabled
+        for q in self.activation_quantizers().values():
+            q.enabled = enabled
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

@@ -135,10 +135,9 @@ def layer_tensor_specs(desc: dict[str, Any]) -> dict[str, tuple[torch.dtype, tup
         "weight_signed": (torch.uint8, (1,)),
         "bias": (torch.float32, (channels,)),
     }
-    for side, bits in (("input", desc["activation_bits"]), ("output", desc.get("output_bits"))):
-        if bits is not None:
-            specs.update({f"{side}_scale": (torch.float32, (1,)), f"{side}_zero_point": (torch.int32, (1,)),
-                          f"{side}_signed": (torch.uint8, (1,))})
+    for side, _, _ in _activation_sides(desc):
+        specs.update({f"{side}_scale": (torch.float32, (1,)), f"{side}_zero_point": (torch.int32, (1,)),
+                      f"{side}_signed": (torch.uint8, (1,))})
     return specs
 
 
@@ -166,9 +165,7 @@ def pack_layer(module: QModuleMixin) -> dict[str, torch.Tensor]:
         "weight_signed": torch.tensor([int(wq.signed)], dtype=torch.uint8),
         "bias": module.bias.detach().float().cpu().clone(),
     }
-    for side, q in (("input", module.input_quantizer), ("output", module.output_quantizer)):
-        if q is None:
-            continue
+    for side, q in module.activation_quantizers().items():
         if not bool(q.initialized):
             raise ValueError(f"{type(module).__name__} has an uncalibrated {side} quantizer; nothing to save")
         out.update({f"{side}_scale": q.scale.detach().float().cpu().clone(),
@@ -261,9 +258,8 @@ def build_qmodule(float_module: nn.Module, desc: dict[str, Any], where: str = "l
 
 def apply_signed(module: QModuleMixin, signed: dict[str, bool]) -> None:
     module.weight_quantizer.signed = signed["weight"]
-    for side, q in (("input", module.input_quantizer), ("output", module.output_quantizer)):
-        if q is not None:
-            q.signed = signed[side]
+    for side, q in module.activation_quantizers().items():
+        q.signed = signed[side]
 
 
 def replace_folded_batchnorms_(model: nn.Module, folded: dict[str, str]) -> None:
