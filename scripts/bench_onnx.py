@@ -193,14 +193,24 @@ def _batched_logits(run: Any, x: torch.Tensor, batch: int) -> np.ndarray:
 @torch.no_grad()
 def classifier_agreement(qmodel: nn.Module, sess: ort.InferenceSession, x: torch.Tensor, y: torch.Tensor,
                          batch: int = 50) -> dict:
+    """Top-1 of PyTorch and onnxruntime and how often they agree, and the noise floor: the same PyTorch model on
+    channels-last inputs (other convolution kernels: only the float summation order differs)."""
     name = sess.get_inputs()[0].name
     ref = _batched_logits(lambda b: qmodel(b).numpy(), x, batch)
     got = _batched_logits(lambda b: sess.run(None, {name: b.numpy()})[0], x, batch)
+    qmodel.to(memory_format=torch.channels_last)
+    try:
+        other = _batched_logits(lambda b: qmodel(b.contiguous(memory_format=torch.channels_last)).numpy(), x, batch)
+    finally:
+        qmodel.to(memory_format=torch.contiguous_format)
     labels = y.numpy()
     return {"metric": "top-1 %", "pytorch": 100 * float((ref.argmax(1) == labels).mean()),
             "onnxruntime": 100 * float((got.argmax(1) == labels).mean()),
             "agreement": 100 * float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(ref - got).max()), "max_abs_logit": float(np.abs(ref).max()),
+            "pytorch_channels_last": 100 * float((other.argmax(1) == labels).mean()),
+            "pytorch_channels_last_agreement": 100 * float((ref.argmax(1) == other.argmax(1)).mean()),
+            "pytorch_channels_last_max_abs_logit_diff": float(np.abs(ref - other).max()),
             "samples": len(labels)}
 
 
@@ -253,6 +263,9 @@ def render_agreement(rows: list[dict]) -> str:
         extra = ""
         if "pytorch_exact_match" in r:
             extra = f" ({r['pytorch_exact_match']:.2f} / {r['onnxruntime_exact_match']:.2f} EM)"
+        if "pytorch_channels_last" in r:  # the noise floor: PyTorch against itself with other conv kernels
+            extra += (f"; PyTorch, channels-last: {r['pytorch_channels_last'] - r['pytorch']:+.2f}, "
+                      f"{r['pytorch_channels_last_agreement']:.2f} % agreement")
         if "pytorch_math_attention" in r:  # the noise floor: PyTorch against itself with another attention kernel
             extra += (f"; PyTorch, math attention: {r['pytorch_math_attention'] - r['pytorch']:+.2f} F1, "
                       f"{r['pytorch_math_attention_agreement']:.2f} % same answers")
