@@ -524,6 +524,25 @@ def test_bert_question_answering(tiny_bert, setting: str, tmp_path: Path) -> Non
                             integer_kernels=SETTINGS[setting][0] == 8)
 
 
+def test_bert_attention_is_exported_eager(tiny_bert, tmp_path: Path) -> None:
+    """SDPA attention would export with IsNaN/Where guards over every attention score (a fifth of MiniLM's
+    onnxruntime time): the export switches to eager attention, and the model keeps its own implementation."""
+    from tests.integrations.test_transformers import TINY
+
+    model, batches = tiny_bert
+    qmodel = quantize(model, batches, light(8, 8))
+    qmodel.set_attn_implementation("sdpa")
+    path = export_onnx(qmodel, tmp_path / "bert.onnx", batches[0])
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "IsNaN" not in ops and ops.count("Softmax") == TINY["num_hidden_layers"]
+    assert qmodel.config._attn_implementation == "sdpa"
+    inputs = _bert_inputs(2, 13, seed=3)
+    outputs, codes = run_onnx(path, {k: v.numpy() for k, v in inputs.items()})
+    ref, ref_codes = torch_codes(qmodel, **inputs)  # the SDPA model: the same numbers up to summation order
+    assert_same_numbers(outputs, codes, [ref.start_logits.numpy(), ref.end_logits.numpy()], ref_codes,
+                        integer_kernels=True)
+
+
 # ------------------------------------------------------------------------------------------------------- timm
 @pytest.mark.parametrize("arch", ["resnet10t", "tf_mobilenetv3_small_minimal_100"])
 def test_timm_models(arch: str, tmp_path: Path) -> None:
