@@ -277,3 +277,14 @@ def test_core_layers_do_not_import_transformers() -> None:
             offenders += [f"{path.relative_to(root)}:{node.lineno}" for n in names
                           if n == "transformers" or n.startswith("transformers.")]
     assert not offenders, f"core modules importing transformers: {offenders}"
+
+
+def test_onnxruntime_preset_sets_the_two_deployment_fields_and_keeps_the_rest() -> None:
+    config = AdaQuantConfig.for_onnxruntime(weight_bits=8, activation_bits=8, iterations=7)
+    assert (config.weight_symmetric, config.residual_output_bits) == (True, 8)
+    assert (config.weight_bits, config.activation_bits, config.iterations) == (8, 8, 7)
+    default = AdaQuantConfig()
+    assert (default.weight_symmetric, default.residual_output_bits) != (True, 8)
+    assert AdaQuantConfig.for_onnxruntime(residual_output_bits=None).residual_output_bits is None
+    with pytest.raises(ValueError, match="residual_output_bits"):
+        AdaQuantConfig.for_onnxruntime(residual_output_bits=9)
