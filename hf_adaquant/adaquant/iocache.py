@@ -41,13 +41,12 @@ class NonFiniteActivationError(ValueError):
 
 @dataclass(frozen=True)
 class _OnDisk:
-    """A spilled chunk: its file, shape and dtype. It is mapped only while rows are read from it: pages of a
+    """A spilled chunk: its file and shape. It is mapped only while rows are read from it: pages of a
     mapping that stays open count in the process's resident set once touched, and sampling mini-batches over
     200 steps touches most of them (up to the whole spilled cache, 2 GB for a resnet50 ``layer1`` conv)."""
 
     path: str
     shape: tuple[int, ...]
-    dtype: np.dtype
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -110,7 +109,7 @@ class _Store:
                 self.spill_dir = tempfile.mkdtemp(prefix="hf_adaquant_cache_")
             path = os.path.join(self.spill_dir, f"chunk{len(self.chunks)}.npy")
         self.held.spill(path, t, self.what, self.spill)
-        self.chunks.append(_OnDisk(path, tuple(t.shape), t.numpy().dtype))
+        self.chunks.append(_OnDisk(path, tuple(t.shape)))
 
     @staticmethod
     def take_into(chunk: torch.Tensor | _OnDisk, idx: torch.Tensor, out: torch.Tensor) -> None:

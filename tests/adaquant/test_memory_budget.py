@@ -5,8 +5,6 @@ RSS is measured, not the budget's own count)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import sys
 import threading
@@ -20,6 +18,7 @@ from torch import nn
 from hf_adaquant import prepare_model
 from hf_adaquant.adaquant import run_adaquant
 from hf_adaquant.adaquant.stages import find_stage_plan
+from hf_adaquant.utils.memory import _DEFAULT_THRESHOLD, _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _glibc
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self and glibc's mallopt")
 
@@ -31,7 +30,6 @@ BUDGET = 16 << 20
 # for the allocator and torch's own buffers.
 WORKING_MAPS = 8
 MARGIN = 256 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT = -1, -3, 128 * 1024
 
 
 class _Block(nn.Module):
@@ -87,10 +85,8 @@ def _peak_growth() -> Iterator[list[int]]:
 def _freed_memory_returned() -> Iterator[None]:
     """glibc maps every allocation above 8 MiB on its own and unmaps it on free, so the resident set follows what
     the engine holds rather than the heap's retention of freed blocks (that is utils/memory.py's business)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         pytest.skip("needs glibc")
     libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
@@ -98,8 +94,8 @@ def _freed_memory_returned() -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
         libc.malloc_trim(0)
 
 
