@@ -171,14 +171,19 @@ class IOCache:
         self.sizes = torch.tensor([float(o[-1]) for o in self.offsets], dtype=torch.float64)
         return self
 
-    def _gather(self, group: int, idx: torch.Tensor, targets: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pieces = []  # (chunk id, rows in it)
+    def _pieces(self, group: int, idx: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(chunk id, rows in it)`` of the sorted global indices ``idx`` of a shape group."""
+        pieces = []
         offsets = self.offsets[group]
         for k, chunk_id in enumerate(self.groups[group]):
             start, stop = int(offsets[k]), int(offsets[k + 1])
             local = idx[(idx >= start) & (idx < stop)] - start
             if len(local):
                 pieces.append((chunk_id, local))
+        return pieces
+
+    def _gather(self, group: int, idx: torch.Tensor, targets: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pieces = self._pieces(group, idx)
         x = self._read(self.x.chunks, pieces, len(idx))
         return x, self._read(self.y.chunks, pieces, len(idx)) if targets else None
 
@@ -219,6 +224,24 @@ class IOCache:
                 stop = min(start + batch_size, n, start + (limit - seen if limit is not None else n))
                 seen += stop - start
                 yield self._gather(g, torch.arange(start, stop), targets)
+
+    def iterate_parts(self, batch_size: int, max_part_elements: int,
+                      targets: bool) -> Iterator[tuple[int, Iterator[torch.Tensor]]]:
+        """The inputs (or, with ``targets``, the FP outputs) of all samples in mini-batches of ``batch_size``, each
+        as ``(number of values, slices)``: the slices are read one by one, at most ``max_part_elements`` values
+        each (one sample at least), so a large mini-batch is never held whole. Same order as :meth:`iterate`."""
+        store = self.y if targets else self.x
+        for g, ids in enumerate(self.groups):
+            n, per_sample = int(self.sizes[g].item()), math.prod(store.chunks[ids[0]].shape[1:])
+            rows = max(1, max_part_elements // max(1, per_sample))
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                yield (stop - start) * per_sample, self._slices(store, g, start, stop, rows)
+
+    def _slices(self, store: _Store, group: int, start: int, stop: int, rows: int) -> Iterator[torch.Tensor]:
+        for first in range(start, stop, rows):
+            idx = torch.arange(first, min(first + rows, stop))
+            yield self._read(store.chunks, self._pieces(group, idx), len(idx))
 
     def cleanup(self) -> None:
         self.x.cleanup()

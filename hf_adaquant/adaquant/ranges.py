@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 __all__ = ["init_input_range", "init_output_range"]
 
+# The observer subsamples a fixed share of each mini-batch of RANGE_BATCH samples (the ranges depend on it), and
+# reads it in slices of at most RANGE_PART_ELEMENTS float32 values (64 MB): the same numbers as reading it whole.
+RANGE_BATCH = 256
+RANGE_PART_ELEMENTS = 1 << 24
+
 
 def _init_range(q: Quantizer, cache: IOCache, targets: bool, method: str, seed: int, sync: DataParallelSync | None,
                 what: str, name: str) -> None:
@@ -24,8 +29,8 @@ def _init_range(q: Quantizer, cache: IOCache, targets: bool, method: str, seed: 
     observer = RangeObserver(seed=seed)
     error = None
     try:
-        for x, y in cache.iterate(256, targets=targets):
-            observer.update(y if targets else x)
+        for numel, parts in cache.iterate_parts(RANGE_BATCH, RANGE_PART_ELEMENTS, targets=targets):
+            observer.update_parts(parts, numel)
     except Exception as e:
         if sync is None:
             raise

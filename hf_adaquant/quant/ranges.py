@@ -7,7 +7,7 @@ Methods register by name (``register_range_method``). Each takes ``x`` of shape 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -99,8 +99,34 @@ class RangeObserver:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(x.shape[0], -1)
-        sample_min, sample_max = flat.amin(dim=1), flat.amax(dim=1)
+        """Observe one mini-batch (first dimension: samples)."""
+        self.update_parts([x], x.numel())
+
+    @torch.no_grad()
+    def update_parts(self, parts: Iterable[torch.Tensor], numel: int) -> None:
+        """Observe one mini-batch given as consecutive slices of whole samples, holding one slice at a time.
+
+        Same statistics, bit for bit, as :meth:`update` on the concatenation of ``parts`` (``numel`` values in
+        all): the subsample's positions are drawn over the whole mini-batch before any slice is read. A range
+        initialisation of 256 samples of a resnet50 ``layer1`` input would otherwise hold 822 MB in float32.
+        """
+        if not self._per_batch:  # a fixed share per batch: bounded memory without knowing the number of batches
+            self._per_batch = max(1, self.max_values // 64)
+        take = min(self._per_batch, numel)
+        idx = torch.randint(0, numel, (take,), generator=self.generator)
+        values = torch.empty(take, dtype=torch.float32)
+        sample_mins, sample_maxs = [], []
+        offset = 0
+        for part in parts:
+            flat = part.detach().float().reshape(part.shape[0], -1)
+            sample_mins.append(flat.amin(dim=1).cpu())
+            sample_maxs.append(flat.amax(dim=1).cpu())
+            inside = (idx >= offset) & (idx < offset + flat.numel())
+            values[inside] = flat.reshape(-1)[(idx[inside] - offset).to(flat.device)].cpu()
+            offset += flat.numel()
+        if offset != numel:
+            raise ValueError(f"the parts hold {offset} values, not the {numel} announced")
+        sample_min, sample_max = torch.cat(sample_mins), torch.cat(sample_maxs)
         # amin/amax propagate NaN: checking the extremes finds any NaN or inf. Python's min()/max() below would
         # silently drop a NaN.
         if not (torch.isfinite(sample_min).all() and torch.isfinite(sample_max).all()):
@@ -109,13 +135,8 @@ class RangeObserver:
         self.max = max(self.max, sample_max.max().item())
         self.sum_sample_min += sample_min.sum().item()
         self.sum_sample_max += sample_max.sum().item()
-        self.num_samples += flat.shape[0]
-        # A fixed share per batch keeps memory bounded without knowing the number of batches up front.
-        if not self._per_batch:
-            self._per_batch = max(1, self.max_values // 64)
-        take = min(self._per_batch, flat.numel())
-        idx = torch.randint(0, flat.numel(), (take,), generator=self.generator)
-        self._values.append(flat.reshape(-1)[idx].cpu())
+        self.num_samples += sample_min.numel()
+        self._values.append(values)
         if sum(v.numel() for v in self._values) > self.max_values:
             merged = torch.cat(self._values)
             keep = torch.randperm(merged.numel(), generator=self.generator)[: self.max_values // 2]

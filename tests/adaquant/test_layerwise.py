@@ -301,6 +301,45 @@ def test_cache_iterate_inputs_only_reads_the_same_inputs() -> None:
     assert torch.equal(torch.cat([x for x, _ in both]), torch.cat([x for x, _ in inputs_only]))
 
 
+def test_range_initialisation_reads_large_batches_in_slices_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Range initialisation reads each mini-batch of 256 samples in slices of bounded size (a resnet50 layer1
+    input would be 822 MB at once): the slices hold at most the limit, and the ranges are bit for bit those of
+    reading the batch whole."""
+    from hf_adaquant.adaquant import ranges
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.relu(torch.randn(100, 8, 12, 12, generator=g)) for _ in range(3)]  # 300 samples: 256 + 44
+    cache = capture_layer_io(nn.Sequential(conv), nn.Sequential(conv), "0", batches, dtype=torch.float16)
+
+    def ranges_with(part_elements: int) -> tuple[list[int], list[torch.Tensor]]:
+        monkeypatch.setattr(ranges, "RANGE_PART_ELEMENTS", part_elements)
+        sizes: list[int] = []
+        read = cache._read
+
+        def spy(chunks, pieces, n):
+            out = read(chunks, pieces, n)
+            sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(cache, "_read", spy)
+        layer = QConv2d.from_float(conv, 4, 4)
+        layer.add_output_quantizer(4)
+        ranges.init_input_range(layer, cache, "mse", seed=0)
+        ranges.init_output_range(layer, cache, "mse", seed=0)
+        monkeypatch.setattr(cache, "_read", read)
+        return sizes, [v.clone() for k, v in layer.state_dict().items() if "put_quantizer" in k]
+
+    whole_sizes, whole = ranges_with(1 << 30)
+    sliced_sizes, sliced = ranges_with(10_000)
+    per_input, per_output = 8 * 12 * 12, 12 * 12 * 12
+    assert whole_sizes == [256 * per_input, 44 * per_input, 256 * per_output, 44 * per_output]
+    assert max(sliced_sizes) <= 10_000 and len(sliced_sizes) > 20
+    assert len(whole) >= 4 and all(torch.equal(a, b) for a, b in zip(whole, sliced))
+
+
 def test_cache_spilled_to_disk_equals_in_memory(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """max_cache_bytes bounds memory by spilling to disk; the cached data must be the same.
 

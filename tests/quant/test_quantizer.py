@@ -369,6 +369,20 @@ def test_range_observer_memory_is_bounded() -> None:
     assert obs.num_samples == 800
 
 
+def test_range_observer_update_parts_equals_update_of_the_whole_batch() -> None:
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(30, 3, 7, generator=g) * (i + 1) for i in range(4)]
+    whole, sliced = RangeObserver(max_values=300, seed=2), RangeObserver(max_values=300, seed=2)
+    for b in batches:
+        whole.update(b)
+        sliced.update_parts((b[i:i + 7] for i in range(0, 30, 7)), b.numel())
+    for field in ("min", "max", "sum_sample_min", "sum_sample_max", "num_samples"):
+        assert getattr(whole, field) == getattr(sliced, field)
+    assert torch.equal(torch.cat(whole._values), torch.cat(sliced._values))
+    with pytest.raises(ValueError, match="not the 211 announced"):
+        sliced.update_parts([batches[0]], 211)
+
+
 def test_range_observer_refuses_nan_and_inf() -> None:
     """Python's min()/max() silently skip a NaN batch extreme: the observer must refuse it instead."""
     for bad in (float("nan"), float("inf")):
